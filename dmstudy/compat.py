@@ -7,12 +7,12 @@ Docs: https://dmstudy.github.io/dmstudy/compat.html.md"""
 # %% auto #0
 __all__ = ['ensure_torchvision']
 
-# %% ../nbs/00a_compat.ipynb #4778e208
+# %% ../nbs/00a_compat.ipynb #64100831
 import importlib.util, sys
 from pathlib import Path
 import torch
 
-# %% ../nbs/00a_compat.ipynb #cce03847
+# %% ../nbs/00a_compat.ipynb #b756bdd8
 _SCHEMAS = {  # the schemas torchvision registers fake kernels for at import time
     'nms': 'nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor',
     'qnms': 'qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor'}
@@ -42,3 +42,6 @@ def ensure_torchvision() -> bool:
     _LIB = torch.library.Library('torchvision', 'DEF')
     for n in missing: _LIB.define(_SCHEMAS[n])
     return True
+
+# %% ../nbs/00a_compat.ipynb #e28e7a09
+_GUARD_ACTED = ensure_torchvision()
