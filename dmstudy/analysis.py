@@ -13,7 +13,7 @@ __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'NONE', 'MEM_METRICS', 'FIDE
            'double_descent', 'normalized_step', 'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize',
            'save_results', 'read_results']
 
-# %% ../nbs/06_analysis.ipynb #3b83b8f5
+# %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, json, math, os, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from .config import RunConfig, cell_id
 
-# %% ../nbs/06_analysis.ipynb #5fc1b08d
+# %% ../nbs/06_analysis.ipynb #842f5a4b
 def eval_schedule(cfg:RunConfig) -> np.ndarray:
     "Log-spaced evaluation steps of a config (`eval_first`·10^(k/`eval_per_decade`), and the final step), or `eval_steps`."
     if cfg.eval_steps: return np.unique(np.asarray(cfg.eval_steps, dtype=np.int64))
@@ -32,7 +32,7 @@ def eval_schedule(cfg:RunConfig) -> np.ndarray:
     s = np.unique(np.round(cfg.eval_first * 10 ** (k / cfg.eval_per_decade)).astype(np.int64))
     return np.append(s[s < cfg.steps], cfg.steps)
 
-# %% ../nbs/06_analysis.ipynb #073f47c9
+# %% ../nbs/06_analysis.ipynb #af5befaf
 def image_grid(images:np.ndarray, # uint8 [n, C, H, W]
                nrow:int=8, # Images per row
                padding:int=2, # Pixels between and around the images (value 0)
@@ -65,7 +65,7 @@ def grid_tiles(grid:np.ndarray, # [H', W', 3] or [H', W'] grid image
              for y in range(ym) for x in range(xm)]
     return np.stack(tiles[:n] if n is not None else tiles)
 
-# %% ../nbs/06_analysis.ipynb #cf137757
+# %% ../nbs/06_analysis.ipynb #fdc1bf21
 def _synthetic_images(n:int, c:int, side:int, rng) -> np.ndarray:
     "Smooth random blob images in [0, 1], float [n, c, side, side]."
     yy, xx = np.mgrid[0:side, 0:side] / max(side - 1, 1)
@@ -129,7 +129,7 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
     (path/'status').write_text('done\n')
     return path
 
-# %% ../nbs/06_analysis.ipynb #0b654da1
+# %% ../nbs/06_analysis.ipynb #40757c7d
 RUN_COLUMNS = ['sweep', 'run_dir', 'cell_id', 'dataset', 'N', 'params', 'unet', 'B', 'lr', 'objective', 'seed']
 TIDY_COLUMNS = RUN_COLUMNS + ['step', 'images_seen', 'metric', 'split', 'value']
 SPLITS = ('train', 'test')
@@ -161,7 +161,7 @@ def find_runs(paths) -> list:
         out += [p] if (p/'config.json').exists() else sorted(q.parent for q in p.rglob('config.json'))
     return list(dict.fromkeys(out))
 
-# %% ../nbs/06_analysis.ipynb #bccf1cb4
+# %% ../nbs/06_analysis.ipynb #bda45732
 _NATIVE = {'cifar10': (3, 32, 10), 'fashion-mnist': (1, 28, 10), 'digits': (1, 8, 10), 'gaussian': (1, 8, 1)}  # C, side, classes
 
 @functools.lru_cache(maxsize=128)
@@ -185,7 +185,7 @@ def unet_params(cfg:RunConfig) -> float:
     "Parameter count of a config's U-Net, computed on the `meta` device (NaN when it cannot be built)."
     return _preset_params(tuple((k, getattr(cfg, k)) for k in ('unet', 'dataset', 'channels', 'image_size', 'class_cond', 'dropout')))
 
-# %% ../nbs/06_analysis.ipynb #9dd5e1f6
+# %% ../nbs/06_analysis.ipynb #31861c3c
 def _run_rows(rd:Path, params:bool) -> tuple:
     "Run columns and metric rows of one run directory."
     raw = json.loads((rd/'config.json').read_text())
@@ -217,7 +217,7 @@ def load_runs(paths, # Run directories, or folders holding them (searched recurs
     df = pd.concat(frames, ignore_index=True)[TIDY_COLUMNS]
     return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
 
-# %% ../nbs/06_analysis.ipynb #6c37d293
+# %% ../nbs/06_analysis.ipynb #881e5877
 def as_run(run) -> pd.DataFrame:
     "The tidy rows of one run, from a run directory or from a table holding exactly one run."
     if isinstance(run, (str, os.PathLike)): run = load_runs(run)
@@ -239,7 +239,7 @@ def has_metric(run, metric:str) -> bool:
     "Whether the run has any value of `metric`."
     return bool((as_run(run).metric == metric).any())
 
-# %% ../nbs/06_analysis.ipynb #1eda8de3
+# %% ../nbs/06_analysis.ipynb #b503e602
 NONE = 'none'
 
 class Onset(NamedTuple):
@@ -280,7 +280,7 @@ def hinge_fit(x:np.ndarray, y:np.ndarray, grid:np.ndarray, scale:float, c:float=
     rho = np.where(np.abs(res) <= k, res**2 / 2, k * np.abs(res) - k**2 / 2)
     return rho.sum(1), a, b
 
-# %% ../nbs/06_analysis.ipynb #8ac541a1
+# %% ../nbs/06_analysis.ipynb #742bc234
 def gap_fit(run, # One run (tidy rows or a run directory)
             metric:str='loss', # The loss whose train and test curves are compared (`loss`, `loss_t/0.1`, ...)
             rel_gap:float=0.05, # Relative gap threshold above the early baseline
@@ -298,17 +298,17 @@ def gap_fit(run, # One run (tidy rows or a run directory)
     ok = np.isfinite(r); s, x, r = s[ok], x[ok], r[ok]
     out = dict(step=s, gap=r, smoothed=running_median(r, smooth), sigma=max(robust_sigma(r), 1e-6), detected=None, tau=None)
     if len(r) < n_base + persist: return out
-    out['baseline'] = b0 = float(np.median(r[:n_base]))
     out['threshold'] = thr = max(rel_gap, z * out['sigma'] / math.sqrt(smooth))
-    above = out['smoothed'] - b0 > thr
-    kd = next((k for k in range(len(r) - persist + 1) if above[k:k+persist].all()), None)
-    if kd is None: return out
-    out['detected'] = s[kd]
-    end = min(len(r), kd + persist + window)
-    grid = np.linspace(x[0], x[kd], 64 * max(kd, 1) + 1)
-    loss, a, b = hinge_fit(x[:end], r[:end], grid, out['sigma'])
-    i = int(np.argmin(loss))
-    if a[i] * (x[end-1] - grid[i]) < thr: return out  # a step, not a divergence
+    for kd in range(n_base, len(r) - persist + 1):
+        b0 = float(np.median(r[:kd]))  # the gap so far: a level, not a divergence
+        if not (out['smoothed'][kd:kd+persist] - b0 > thr).all(): continue
+        end = min(len(r), kd + persist + window)
+        grid = np.linspace(x[0], x[kd], 64 * kd + 1)
+        loss, a, b = hinge_fit(x[:end], r[:end], grid, out['sigma'])
+        i = int(np.argmin(loss))
+        if a[i] * (x[end-1] - grid[i]) >= thr: break  # a rise, not a step: detected
+    else: return out
+    out['detected'], out['baseline'] = s[kd], b0
     inside = grid[loss <= loss[i] + 1.92 * out['sigma']**2]
     k = np.searchsorted(x, grid[i], side='right')  # x[k-1] <= x0 < x[k]
     lo = min(inside.min(), x[k-1] if grid[i] > x[k-1] else x[max(k-2, 0)]); hi = max(inside.max(), x[min(k, len(x)-1)])
@@ -320,7 +320,7 @@ def tau_mem(run, metric:str='loss', **kw) -> Onset|str:
     t = gap_fit(run, metric, **kw)['tau']
     return NONE if t is None else t
 
-# %% ../nbs/06_analysis.ipynb #f849e5c0
+# %% ../nbs/06_analysis.ipynb #68c19c25
 MEM_METRICS = ('copy_score', 'mem_frac')
 
 def mem_metric(run) -> str:
@@ -372,7 +372,7 @@ def memorization_rate(run, # One run
     h = stats.t.ppf(0.975, len(y) - 2) * f.stderr
     return Rate(float(f.slope), float(f.slope - h), float(f.slope + h), float(start), len(y))
 
-# %% ../nbs/06_analysis.ipynb #c7fea34d
+# %% ../nbs/06_analysis.ipynb #58035009
 FIDELITY_METRICS = ('sw', 'sw_pixel', 'fid', 'kid')
 
 def best_fidelity(run, # One run
@@ -416,7 +416,7 @@ def double_descent(run, # One run
     out.update(second_min_step=s[j], second_min=float(v[j]), double_descent=True)
     return out
 
-# %% ../nbs/06_analysis.ipynb #c823af1f
+# %% ../nbs/06_analysis.ipynb #29801e64
 N_MIN, B_MIN, LR_MIN = 2048, 16, 1e-5
 AXES = {'N': lambda d: N_MIN / d['N'], 'B': lambda d: d['B'] / B_MIN, 'lr': lambda d: d['lr'] / LR_MIN}
 
@@ -433,7 +433,7 @@ def normalized_step(df:pd.DataFrame, # A tidy table or a summary (needs the colu
     for ax in axes: f = f * AXES[ax](df).to_numpy(float)
     return df.assign(**{out: df[col].to_numpy(float) * f})
 
-# %% ../nbs/06_analysis.ipynb #1a920562
+# %% ../nbs/06_analysis.ipynb #36b80872
 @dataclass(frozen=True)
 class ScalingFit:
     "Linear and log-log fits of y against x, with 95% intervals."
@@ -471,7 +471,7 @@ def scaling_fit(summary:pd.DataFrame, # One row per run (e.g. `summarize(df)`)
                       _ci(lin.intercept, lin.intercept_stderr, len(d), level), float(lin.rvalue**2),
                       float(log.slope), k_ci, float(math.exp(log.intercept)), float(log.rvalue**2), verdict)
 
-# %% ../nbs/06_analysis.ipynb #bbadc50f
+# %% ../nbs/06_analysis.ipynb #034c461b
 def _nan3(o): return (math.nan,) * 3 if o == NONE else tuple(o[:3])
 
 def summarize_run(run, **tau_kw) -> dict:
@@ -503,7 +503,7 @@ def summarize(df:pd.DataFrame, **tau_kw) -> pd.DataFrame:
     if df.empty: raise ValueError("summarize got an empty table; load some runs with load_runs first.")
     return pd.DataFrame([summarize_run(g, **tau_kw) for _, g in df.groupby('run_dir', sort=False)]).reset_index(drop=True)
 
-# %% ../nbs/06_analysis.ipynb #b1e5d105
+# %% ../nbs/06_analysis.ipynb #2c4bebb2
 def _check_tidy(df:pd.DataFrame, what:str):
     miss = [c for c in TIDY_COLUMNS if c not in df.columns]
     if miss: raise ValueError(f"{what} is not a tidy results table: it lacks the columns {miss} (build it with load_runs).")
