@@ -8,7 +8,7 @@ Docs: https://dmstudy.github.io/dmstudy/unet.html.md"""
 __all__ = ['PAPER_SIZES', 'UNET_PRESETS', 'sinusoidal_features', 'group_norm', 'ResBlock', 'Attention', 'UNet', 'count_params',
            'unet_flops', 'build_unet']
 
-# %% ../nbs/02_unet.ipynb #97bcfd3b
+# %% ../nbs/02_unet.ipynb #51dbdd74
 import math
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig
 
-# %% ../nbs/02_unet.ipynb #02d248ef
+# %% ../nbs/02_unet.ipynb #95b80235
 def sinusoidal_features(c_noise:torch.Tensor, # Noise levels [B], on the objective's scale (e.g. 1000*t or a timestep index)
                         dim:int, # Number of features (even)
                         max_period:float=10000.): # Longest period of the sinusoids
@@ -32,7 +32,7 @@ def group_norm(ch:int) -> nn.GroupNorm:
     while ch % g: g -= 1
     return nn.GroupNorm(g, ch)
 
-# %% ../nbs/02_unet.ipynb #61ef80c1
+# %% ../nbs/02_unet.ipynb #4f8776db
 class ResBlock(nn.Module):
     "Residual block conditioned on an embedding vector, optionally resampling by 2 (BigGAN style)."
     def __init__(self, cin:int, # Input channels
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         h = self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
         return x + (h if self.gate is None else self.gate.to(h.dtype)*h)
 
-# %% ../nbs/02_unet.ipynb #650fd395
+# %% ../nbs/02_unet.ipynb #c017ecfc
 class UNet(nn.Module):
     "U-Net of the DDPM/ADM family, conditioned on a noise level and optionally on a class label."
     def __init__(self,
@@ -160,7 +160,7 @@ class UNet(nn.Module):
         for layers in self.up: h = self._run(layers, torch.cat([h, hs.pop()], dim=1), cond)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-# %% ../nbs/02_unet.ipynb #f9d87a61
+# %% ../nbs/02_unet.ipynb #7e0c5d10
 def count_params(model:nn.Module, # Any module (also one built on the `meta` device)
                  trainable:bool=False): # Count only parameters that require gradients
     "Number of parameters of `model`."
@@ -177,7 +177,7 @@ def unet_flops(model:nn.Module, # A model with the `model(x, c_noise, y)` signat
     with torch.no_grad(), FlopCounterMode(display=False) as fc: model(x, c, y)
     return fc.get_total_flops()
 
-# %% ../nbs/02_unet.ipynb #9ea4a03f
+# %% ../nbs/02_unet.ipynb #45b955a6
 _PAPER = dict(channel_mult=(1, 2, 4), num_res_blocks=3, attn_levels=(1, 2), mid_attn=True, head_dim=64, qkv_bias=False,
               attn_gate=True, resample='resblock', dropout=0., noise_features=512, emb_dim=512, label_dim=512, class_cond=True)
 PAPER_SIZES = {'paper-3m': (16, 2_926_690), 'paper-8m': (32, 7_929_010), 'paper-26m': (64, 25_751_890),
@@ -198,7 +198,7 @@ UNET_PRESETS = {
                   label_dim=16, class_cond=True),
 }
 
-# %% ../nbs/02_unet.ipynb #aba55be8
+# %% ../nbs/02_unet.ipynb #4a04c4a4
 def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.class_cond` and `cfg.dropout` override it when not `None`
                image_shape:tuple, # (C, H, W) of the data
                num_classes:int=10, # Classes of the data set (used when the model is class-conditional)
