@@ -8,7 +8,7 @@ Docs: https://dmstudy.github.io/dmstudy/plots.html.md"""
 __all__ = ['PANELS', 'DASHES', 'value_label', 'panels', 'sample_steps', 'image_side', 'strip_array', 'sample_strip', 'nn_search',
            'nearest_neighbours', 'scaling_plot']
 
-# %% ../nbs/07_plots.ipynb #37551c50
+# %% ../nbs/07_plots.ipynb #527334c8
 import json, math, re
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -20,7 +20,7 @@ from .config import RunConfig, fmt_lr
 from .analysis import (AXES, FIDELITY_METRICS, MEM_METRICS, ScalingFit, _NATIVE, grid_tiles, image_grid,
                               normalized_step, scaling_fit)
 
-# %% ../nbs/07_plots.ipynb #7ef98a81
+# %% ../nbs/07_plots.ipynb #48897398
 PANELS = (('Loss', ('loss',)), ('Memorization score', MEM_METRICS), ('Sliced Wasserstein', ('sw', 'sw_pixel')), ('FID', ('fid', 'kid')))
 DASHES = {'train': '', 'test': (4, 2), '': ''}
 
@@ -47,6 +47,8 @@ def panels(df:pd.DataFrame, # Tidy table of the runs of a sweep (`load_runs`, `r
     labels = [value_label(hue, v) for v in order]
     d = df.assign(**{hue: df[hue].map(dict(zip(order, labels)))})
     palette = dict(zip(labels, sns.color_palette('viridis', len(labels))))
+    if not d.metric.isin([m for _, c in PANELS for m in c]).any():
+        raise ValueError(f"The table has none of the panels' metrics {[m for _, c in PANELS for m in c]}.")
     fig, axs = plt.subplots(2, 2, figsize=figsize, layout='constrained')
     legend = None
     for ax, (title, cands) in zip(axs.flat, PANELS):
@@ -63,8 +65,7 @@ def panels(df:pd.DataFrame, # Tidy table of the runs of a sweep (`load_runs`, `r
         if title in ('Sliced Wasserstein', 'FID') and (sub.value > 0).all(): ax.set_yscale('log')
         if ax.get_legend() is not None: legend = ax.get_legend()
     if legend is None:  # no train/test panel: take the hue legend from the first panel that has data
-        ax = next((a for a in axs.flat if a.lines), None)
-        if ax is None: raise ValueError(f"The table has none of the panels' metrics {[m for _, c in PANELS for m in c]}.")
+        ax = next(a for a in axs.flat if a.lines)
         for a in axs.flat:
             if a.get_legend() is not None: a.get_legend().remove()
         legend = ax.legend([plt.Line2D([], [], color=palette[l]) for l in labels], labels, title=hue)
@@ -76,7 +77,7 @@ def panels(df:pd.DataFrame, # Tidy table of the runs of a sweep (`load_runs`, `r
     fig.legend(handles, texts, loc='outside right upper', frameon=False)
     return fig
 
-# %% ../nbs/07_plots.ipynb #018a6091
+# %% ../nbs/07_plots.ipynb #4532e20c
 def sample_steps(run_dir) -> list:
     "The steps at which a run saved a sample grid (`samples/step_XXXXXXX.png`)."
     d = Path(run_dir)/'samples'
@@ -128,7 +129,7 @@ def sample_strip(run_dir, # A run directory
     for s in ax.spines.values(): s.set_visible(False)
     return fig
 
-# %% ../nbs/07_plots.ipynb #b174151e
+# %% ../nbs/07_plots.ipynb #ac075052
 def _model_space(x) -> torch.Tensor:
     "Images as float [n, C, H, W] in [-1, 1] (uint8 is mapped, float is taken as model space)."
     x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().cpu()
@@ -168,7 +169,7 @@ def nearest_neighbours(samples, # Generated images [M, C, H, W] (uint8 or model 
     for a in axs.flat: a.set_xticks([]); a.set_yticks([])
     return fig
 
-# %% ../nbs/07_plots.ipynb #9b2b21c7
+# %% ../nbs/07_plots.ipynb #a41a81b7
 def scaling_plot(summary:pd.DataFrame, # One row per run (`summarize`)
                  x:str='N', # The swept quantity
                  y:str='tau_mem', # The derived quantity (its `_lo`/`_hi` columns give error bars when present)
