@@ -1,0 +1,194 @@
+"Sweeps across processes: the smoke sweep through papermill, collect, idempotence, kill and resume, early errors."
+import contextlib, io, json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+import yaml
+from conftest import dmstudy_cmd
+
+pytestmark = pytest.mark.timeout(600)
+
+SMOKE_BASE = yaml.safe_load((Path(__file__).parents[1]/'dmstudy'/'sweeps'/'smoke.yaml').read_text())['base']
+
+
+def main(*argv):
+    "Run `dmstudy.cli.main` in this process; returns (exit code, stdout, stderr)."
+    from dmstudy.cli import main as cli_main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = cli_main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def write_sweep(path, grid, **base) -> Path:
+    "A sweep file: the smoke sweep's base with changes."
+    Path(path).write_text(yaml.safe_dump({'base': {**SMOKE_BASE, **base}, 'grid': grid, 'resources': {'cpus': 1}}))
+    return Path(path)
+
+
+def metrics_rows(run_dir) -> list:
+    "metrics.jsonl without its wall-clock fields."
+    rows = [json.loads(l) for l in (Path(run_dir)/'metrics.jsonl').read_text().splitlines() if l.strip()]
+    return [{k: v for k, v in r.items() if k not in ('wall_time', 'eval_time')} for r in rows]
+
+
+def injected(nb_path) -> str:
+    "The source of the cell papermill injected into an executed notebook."
+    nb = json.loads(Path(nb_path).read_text())
+    cells = [c for c in nb['cells'] if 'injected-parameters' in c['metadata'].get('tags', [])]
+    assert len(cells) == 1, 'no injected-parameters cell'
+    return ''.join(cells[0]['source'])
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    "The smoke sweep, run once with `dmstudy sweep smoke --jobs 2`: (root, result, seconds)."
+    root = tmp_path_factory.mktemp('smoke')/'runs'
+    t0 = time.time()
+    r = dmstudy_cmd('sweep', 'smoke', '--jobs', 2, '--root', root)
+    return root, r, time.time() - t0
+
+
+def test_smoke_sweep_runs_two_cells_through_papermill(smoke):
+    root, r, secs = smoke
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'smoke: 2 cells, 2 to run (local)' in r.stdout and 'smoke: 2 done, 0 failed' in r.stdout, r.stdout
+    from dmstudy.train import read_status
+    spans = []
+    for n in (16, 32):
+        d = root/'smoke'/f'n{n}_micro_b8_lr1e-3_s0'
+        assert read_status(d) == 'done'
+        src = injected(d/'run.ipynb')
+        assert f'n_train = {n}' in src and 'seed = 0' in src and 'sweep = "smoke"' in src and f'run_dir = "{d.resolve()}"' in src, src
+        assert [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
+        assert (d/'samples'/'step_0000060.png').exists() and (d/'ckpt'/'latest.pt').exists()
+        assert 'Executing notebook with kernel: python3' in (d/'log.txt').read_text()
+        meta = json.loads((d/'run.ipynb').read_text())['metadata']['papermill']
+        assert meta['exception'] is None
+        spans.append((meta['start_time'], meta['end_time']))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f'the two cells did not run at the same time: {spans}'
+    print(f'smoke sweep, 2 cells with --jobs 2: {secs:.1f} s')
+
+
+def test_collect_writes_what_analysis_reads(smoke, tmp_path):
+    root, _, _ = smoke
+    rc, out, err = main('collect', 'smoke', '--root', root, '--out', tmp_path, '--samples', 'last')
+    assert rc == 0, err
+    from dmstudy.analysis import read_results, summarize
+    df = read_results(tmp_path/'smoke.parquet')
+    assert sorted(df.N.unique()) == [16, 32] and set(df.sweep) == {'smoke'} and set(df.sweep_axis) == {'N'}
+    assert {'loss', 'mem_frac'} <= set(df.metric) and {'train', 'test'} <= set(df.split)
+    assert sorted(df[df.metric == 'loss'].step.unique()) == [20, 43, 60]
+    assert len(summarize(df)) == 2
+    import pandas as pd
+    s = pd.read_csv(tmp_path/'smoke_summary.csv')
+    assert list(s.status) == ['done', 'done'] and len(s) == 2
+    assert (tmp_path/'smoke'/'n16_micro_b8_lr1e-3_s0'/'step_0000060.png').exists()
+    rc, out, _ = main('status', 'smoke', '--root', root)
+    assert rc == 0 and out.count(' done ') == 2 and 'n32_micro_b8_lr1e-3_s0' in out, out
+
+
+def test_second_launch_runs_nothing(smoke):
+    root, _, _ = smoke
+    nbs = sorted(root.glob('smoke/*/run.ipynb'))
+    before = [p.stat().st_mtime_ns for p in nbs]
+    t0 = time.time()
+    r = dmstudy_cmd('sweep', 'smoke', '--jobs', 2, '--root', root)
+    secs = time.time() - t0
+    assert r.returncode == 0 and '2 cells, 0 to run' in r.stdout and r.stdout.count('skipped, done') == 2, r.stdout + r.stderr
+    assert [p.stat().st_mtime_ns for p in nbs] == before
+    assert secs < 30, f'a launch with nothing to do took {secs:.1f} s'
+    print(f'second launch: {secs:.1f} s')
+
+
+def test_failed_cell_says_why_and_waits_for_retry(tmp_path):
+    """A cell whose notebook stops before training ends `failed: <the error>` (exit code 1); later launches skip it, still
+    exiting 1, until `--retry` runs it again — here after its missing data file was written — to the end."""
+    import numpy as np
+    from dmstudy.data import load_digits_arrays
+    data = tmp_path/'digits.npz'
+    sw = write_sweep(tmp_path/'npz.yaml', {'n_train': [16]}, dataset='npz', data_path=str(data))
+    d = tmp_path/'runs'/'npz'/'n16_micro_b8_lr1e-3_s0'
+    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
+    st = (d/'status').read_text()
+    assert rc == 1 and st.startswith('failed: FileNotFoundError') and 'digits.npz' in st, (out, st)
+    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
+    assert rc == 1 and '1 cells, 0 to run' in out and '(use --retry to run it again)' in out, out
+    tx, ty, vx, vy, _ = load_digits_arrays()
+    np.savez(data, train_images=tx, train_labels=ty, test_images=vx, test_labels=vy)
+    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs', '--retry', '-p', 'show', 'False')
+    assert rc == 0 and '1 cells, 1 to run' in out, out
+    assert (d/'status').read_text().strip() == 'done' and [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
+    assert 'show = False' in injected(d/'run.ipynb')
+
+
+def test_misspelled_parameter_or_axis_stops_before_training(tmp_path):
+    root = tmp_path/'runs'
+    rc, _, err = main('sweep', 'smoke', '-p', 'n_trian', 64, '--root', root)
+    assert rc == 2 and "Unknown parameter 'n_trian'" in err and "did you mean 'n_train'" in err, err
+    rc, _, err = main('sweep', 'smoke', '-p', 'ema_decay', 0.9, '--root', root)
+    assert rc == 2 and "Unknown parameter 'ema_decay'" in err, err  # not a template parameter: --set ema_decay=0.9 is the way
+    rc, _, err = main('sweep', 'smoke', '--set', 'emadecay=0.9', '--root', root)
+    assert rc == 2 and "did you mean 'ema_decay'" in err, err
+    sw = write_sweep(tmp_path/'typo.yaml', {'n_trian': [16, 32]})
+    rc, _, err = main('sweep', sw, '--root', root)
+    assert rc == 2 and "Unknown sweep axis 'n_trian' in typo.yaml; did you mean 'n_train'?" in err, err
+    assert not root.exists()
+
+
+def test_killed_cell_resumes_and_ends_identical(tmp_path):
+    """A cell killed (SIGKILL to its launcher, papermill and kernel) after its first checkpoint is `stopped`; while it ran, a
+    second launch left it alone; the next launch resumes it, and it ends bitwise equal to a cell that was never interrupted."""
+    import torch
+    from dmstudy.sweep import launch, is_locked, sweep_status
+    from dmstudy.train import read_status
+    sw = write_sweep(tmp_path/'kill.yaml', {'n_train': [16]}, steps=150, eval_steps=[20, 150])
+    cell = 'n16_micro_b8_lr1e-3_s0'
+    a, b = tmp_path/'a', tmp_path/'b'
+    cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', 'sweep', str(sw), '-p', 'show', 'False']
+    ref = subprocess.Popen(cmd + ['--root', str(a)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(cmd + ['--root', str(b)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    d = b/'kill'/cell
+    try:
+        t0 = time.time()
+        while not is_locked(d):
+            assert victim.poll() is None and time.time() - t0 < 300, 'the cell never started'
+            time.sleep(0.05)
+        # a second launch while the cell runs leaves it alone
+        rep = launch(sw, root=b, params={'show': False}, log=lambda s: None)
+        assert [r['outcome'] for r in rep] == ['busy'], rep
+        while not (d/'ckpt'/'latest.pt').exists():
+            assert victim.poll() is None and time.time() - t0 < 300, 'the cell ended before its first checkpoint'
+            time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+    finally:
+        victim.wait()
+    assert read_status(d) == 'running'
+    assert torch.load(d/'ckpt'/'latest.pt', weights_only=True)['step'] < 150, 'the kill came after the end of training'
+    t0 = time.time()
+    while is_locked(d):  # the kernel notices its parent is gone within a second and exits
+        assert time.time() - t0 < 10; time.sleep(0.1)
+    assert sweep_status(sw, root=b).status.tolist() == ['stopped']
+    r = dmstudy_cmd('sweep', sw, '-p', 'show', 'False', '--root', b)
+    assert r.returncode == 0 and '1 cells, 1 to run' in r.stdout, r.stdout + r.stderr
+    assert 'resuming' in (d/'log.txt').read_text()
+    assert ref.wait(300) == 0, ref.stdout.read()
+    assert read_status(d) == read_status(a/'kill'/cell) == 'done'
+    assert metrics_rows(d) == metrics_rows(a/'kill'/cell)
+    s1, s2 = (torch.load(x/'ckpt'/'latest.pt', weights_only=True) for x in (d, a/'kill'/cell))
+    for k in ('model', 'ema'):
+        assert s1[k].keys() == s2[k].keys() and all(torch.equal(s1[k][n], s2[k][n]) for n in s1[k]), k
+    for i, st in s1['opt']['state'].items():
+        assert all(torch.equal(v, s2['opt']['state'][i][n]) if torch.is_tensor(v) else v == s2['opt']['state'][i][n] for n, v in st.items())
+    assert s1['step'] == s2['step'] == 150
+
+
+def test_template_ships_with_the_package_and_is_skipped_by_nbdev_test():
+    from dmstudy.sweep import template_path, template_parameters
+    from nbdev.test import nb_test_cells
+    p = template_path()
+    repo = Path(__file__).parents[1]
+    assert p.parent.name == 'templates' and p.resolve() == (repo/'nbs'/'experiments'/'run_cell.ipynb').resolve()
+    nb = json.loads(p.read_text())
+    assert nb['metadata']['kernelspec']['name'] == 'python3'
+    assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
+    assert nb_test_cells(p) == []  # front matter `skip_exec: true`: nbdev-test runs none of its cells
+    assert {'sweep', 'config', 'run_dir', 'n_train', 'lr', 'batch_size', 'unet', 'seed', 'steps'} <= set(template_parameters())
