@@ -9,10 +9,10 @@ __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIEL
            'check_fields', 'Sweep', 'sweeps_dir', 'list_sweeps', 'sweep_from_dict', 'load_sweep', 'Cell', 'sweep_cells',
            'select_cells', 'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
            'read_status', 'write_status', 'last_metrics', 'cell_lock', 'is_locked', 'notebook_error', 'execute_cell',
-           'run_local', 'CellJob', 'slurm_parameters', 'submit_slurm', 'wait_slurm', 'cell_cost', 'dry_run_table',
-           'launch', 'sweep_status', 'collect']
+           'run_local', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job', 'submit_slurm', 'wait_slurm',
+           'cell_cost', 'dry_run_table', 'launch', 'sweep_status', 'collect']
 
-# %% ../nbs/08_sweep.ipynb #39999f7d
+# %% ../nbs/08_sweep.ipynb #4ff01891
 from .compat import ensure_torchvision
 import difflib, fcntl, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd, yaml
 from .config import RunConfig, cell_id, run_dir_for, runs_root, atomic_write_text
 
-# %% ../nbs/08_sweep.ipynb #165d98d8
+# %% ../nbs/08_sweep.ipynb #30785d85
 SWEEP_KEYS = ('description', 'base', 'grid', 'seeds', 'normalize', 'resources')
 RESOURCE_KEYS = ('gpus', 'cpus', 'mem_gb', 'time_min', 'partition', 'array_parallelism', 'max_num_timeout', 'setup', 'slurm')
 NORMALIZE = {'n_train': 'N', 'batch_size': 'B', 'lr': 'lr'}  # sweep axis → the factor's name in `dmstudy.analysis`
@@ -34,12 +34,13 @@ def _closest(name, options) -> str:
     return m[0] if m else ''
 
 def _coerce(name:str, value):
-    "YAML and command-line values as RunConfig expects them: `1e-4` (a string to YAML) becomes a float, lists tuples."
+    "YAML and command-line values as RunConfig expects them: `1e-4` (a string to YAML) a float, `1e5` steps an int, lists tuples."
     t = str(RunConfig.__dataclass_fields__[name].type)
     if isinstance(value, str) and 'float' in t:
         try: return float(value)
         except ValueError: pass
     if isinstance(value, int) and not isinstance(value, bool) and t.startswith('float'): return float(value)
+    if isinstance(value, float) and t.startswith('int') and value.is_integer(): return int(value)  # `1e5` steps
     return tuple(value) if isinstance(value, list) else value
 
 def check_fields(d:dict, where:str) -> dict:
@@ -48,7 +49,7 @@ def check_fields(d:dict, where:str) -> dict:
         if k not in CONFIG_FIELDS: raise ValueError(f"Unknown RunConfig field {k!r} in {where}; did you mean {_closest(k, CONFIG_FIELDS)!r}?")
     return {k: _coerce(k, v) for k, v in d.items()}
 
-# %% ../nbs/08_sweep.ipynb #0e0ed460
+# %% ../nbs/08_sweep.ipynb #1213a436
 @dataclass
 class Sweep:
     "A sweep: a base config, the grid points around it, the seeds, and what one cell needs to run."
@@ -69,7 +70,7 @@ class Sweep:
     @property
     def ref(self) -> str:
         "How a cell's notebook finds this sweep again: its name when shipped, else its file's absolute path."
-        return self.name if self.source is None or Path(self.source).parent == sweeps_dir() else str(Path(self.source).resolve())
+        return self.name if self.source is None or Path(self.source).resolve().parent == sweeps_dir().resolve() else str(Path(self.source).resolve())
 
 def sweeps_dir() -> Path:
     "The folder of the shipped sweep files (package data)."
@@ -79,7 +80,7 @@ def list_sweeps() -> list:
     "Names of the shipped sweeps."
     return sorted(p.stem for p in sweeps_dir().glob('*.yaml'))
 
-# %% ../nbs/08_sweep.ipynb #23c76601
+# %% ../nbs/08_sweep.ipynb #7bb500c7
 def _grid_points(grid, where:str) -> list:
     if isinstance(grid, dict):
         for k, v in grid.items():
@@ -126,7 +127,7 @@ def load_sweep(name_or_path) -> Sweep:
         if not p.is_file(): raise FileNotFoundError(f"No sweep named {s!r}; the shipped sweeps are {', '.join(list_sweeps())} (or pass a path to a .yaml file).")
     return sweep_from_dict(yaml.safe_load(p.read_text()), p.stem, p)
 
-# %% ../nbs/08_sweep.ipynb #5d9d1a02
+# %% ../nbs/08_sweep.ipynb #a5e8681e
 ID_FIELDS = ('n_train', 'unet', 'batch_size', 'lr', 'seed', 'objective')  # the fields `cell_id` spells out
 
 @dataclass
@@ -172,7 +173,7 @@ def select_cells(cells:list, only) -> list:
         out += [c for c in hit if c not in out]
     return [c for c in cells if c in out]
 
-# %% ../nbs/08_sweep.ipynb #1eb52f25
+# %% ../nbs/08_sweep.ipynb #a6fde39b
 TEMPLATE_OPTIONS = ('sweep', 'config', 'run_dir', 'quiet', 'show')
 
 def template_path() -> Path:
@@ -207,9 +208,10 @@ def cell_parameters(cell:Cell, # The cell
                    ) -> dict:
     "What papermill injects into the template for `cell`: its grid values by name where possible, the rest in `config`."
     named = {k: v for k, v in cell.point.items() if k in params}
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cell.point.items() if k not in params}
-    out = {'sweep': sweep.ref, 'run_dir': str(Path(cell.run_dir).resolve()), 'quiet': True, **(options or {}), **named}
-    if config: out['config'] = config
+    config = {k: v for k, v in cell.point.items() if k not in params}
+    if sweep.source is None: config = {**sweep.base, **config}  # a sweep built in code: the notebook cannot read it back
+    out = {'sweep': sweep.ref if sweep.source else None, 'run_dir': str(Path(cell.run_dir).resolve()), 'quiet': True, **(options or {}), **named}
+    if config: out['config'] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 def cell_config(sweep=None, # A sweep name or file whose `base` the cell starts from; `None`: RunConfig's defaults
@@ -227,7 +229,7 @@ def cell_config(sweep=None, # A sweep name or file whose `base` the cell starts 
     cfg = RunConfig.from_dict(d)
     return cfg, Path(run_dir) if run_dir else run_dir_for(cfg, sw.name if sw else 'adhoc')
 
-# %% ../nbs/08_sweep.ipynb #3f06b6b8
+# %% ../nbs/08_sweep.ipynb #da44ef03
 def read_status(run_dir) -> str:
     "A run directory's status (`running`, `done`, `failed: <reason>`), or `new` when it has none."
     p = Path(run_dir)/'status'
@@ -246,7 +248,7 @@ def last_metrics(run_dir) -> dict:
         except ValueError: continue
     return {}
 
-# %% ../nbs/08_sweep.ipynb #34c0b36e
+# %% ../nbs/08_sweep.ipynb #a8a82a1a
 @contextmanager
 def cell_lock(run_dir, # The cell's run directory (created)
               wait:float=0.0, # Seconds to keep trying when another process holds the lock
@@ -274,7 +276,7 @@ def is_locked(run_dir) -> bool:
         except BlockingIOError: return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN); return False
 
-# %% ../nbs/08_sweep.ipynb #739d1d0b
+# %% ../nbs/08_sweep.ipynb #2fe81268
 def notebook_error(path) -> tuple|None:
     "The `(ename, evalue)` of the first error output in an executed notebook, or `None`."
     try: nb = json.loads(Path(path).read_text())
@@ -335,7 +337,7 @@ def execute_cell(cell:Cell, # The cell to run
         write_status(run_dir, f'failed: {reason}')
         return result('failed', f'failed: {reason} (see {run_dir}/log.txt)')
 
-# %% ../nbs/08_sweep.ipynb #531af4ab
+# %% ../nbs/08_sweep.ipynb #deaf2196
 def _report(r:dict, i:int, n:int, log=print):
     msg = f" — {r['message']}" if r['message'] else ''
     log(f"[{i}/{n}] {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s){msg}")
@@ -370,7 +372,7 @@ def run_local(tasks:list, # (cell, params) pairs
             r = f.result(); results[r['cell_id']] = r; _report(r, i, len(tasks), log)
     return [results[c.cell_id] for c, _ in tasks]
 
-# %% ../nbs/08_sweep.ipynb #4d91ae5b
+# %% ../nbs/08_sweep.ipynb #82a921a6
 try: from submitit.helpers import Checkpointable
 except ImportError: Checkpointable = object
 
@@ -394,8 +396,20 @@ def slurm_parameters(res:dict, name:str='dmstudy') -> dict:
     if res.get('slurm'): p['slurm_additional_parameters'] = dict(res['slurm'])
     return p
 
-# %% ../nbs/08_sweep.ipynb #6fbb8981
+# %% ../nbs/08_sweep.ipynb #a6217980
 FINISHED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE')
+
+def queued_jobs(name:str) -> set:
+    "Ids of the Slurm jobs (array tasks expanded) named `name` that are pending or running; empty without Slurm."
+    if shutil.which('squeue') is None: return set()
+    try: r = subprocess.run(['squeue', '-h', '-r', '-n', name, '-o', '%i'], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired): return set()
+    return set(r.stdout.split()) if r.returncode == 0 else set()
+
+def cell_job(run_dir) -> str:
+    "The id of the Slurm job last submitted for a cell ('' if none)."
+    p = Path(run_dir)/'slurm_job'
+    return p.read_text().strip() if p.exists() else ''
 
 def submit_slurm(tasks:list, # (cell, params) pairs
                  folder, # submitit's folder (job scripts and logs)
@@ -410,7 +424,9 @@ def submit_slurm(tasks:list, # (cell, params) pairs
     ex = submitit.AutoExecutor(folder=str(Path(folder)/'%j'), cluster='slurm', slurm_max_num_timeout=int(res.get('max_num_timeout') or 3))
     ex.update_parameters(**slurm_parameters(res, name))
     job = CellJob(str(Path(template or template_path()).absolute()), retry)
-    return ex.map_array(job, [c for c, _ in tasks], [p for _, p in tasks])
+    jobs = ex.map_array(job, [c for c, _ in tasks], [p for _, p in tasks])
+    for (c, _), j in zip(tasks, jobs): atomic_write_text(Path(c.run_dir)/'slurm_job', j.job_id + '\n')
+    return jobs
 
 def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
                cells:list, # The cells, in the jobs' order
@@ -426,7 +442,7 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
             state = j.watcher.get_state(j.job_id, mode='cache')
             if not state.startswith(FINISHED): continue
             c = cells[i]; st = read_status(c.run_dir)
-            outcome = 'done' if st == 'done' else 'failed' if st.startswith('failed') or state != 'COMPLETED' else 'interrupted'
+            outcome = 'done' if st == 'done' else 'failed' if st.startswith('failed') else 'interrupted'
             msg = '' if outcome == 'done' else f"job {j.job_id} {state}, status {st}; see {j.paths.stdout}"
             out[i] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome=outcome, status=st, seconds=round(time.time() - t0, 1),
                           message=msg, job_id=j.job_id, state=state)
@@ -434,7 +450,7 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
         if left: time.sleep(poll)
     return [out[i] for i in range(len(jobs))]
 
-# %% ../nbs/08_sweep.ipynb #b4128971
+# %% ../nbs/08_sweep.ipynb #c8234176
 _NATIVE = {'cifar10': (3, 32), 'fashion-mnist': (1, 28), 'digits': (1, 8), 'gaussian': (1, 8)}  # channels, side
 
 @functools.lru_cache(maxsize=64)
@@ -451,7 +467,7 @@ def cell_cost(cfg:RunConfig, # The cell's config
     c, side = _NATIVE.get(cfg.dataset, (None, None))
     c, side = cfg.channels or c, cfg.image_size or side
     params, gflop = _model_cost(cfg.unet, (c, side, side), cfg.class_cond, cfg.dropout) if c and side else (math.nan, math.nan)
-    from dmstudy.train import eval_schedule
+    from dmstudy.train import eval_schedule  # here, not at the top: only a dry run needs the training loop
     evals = len(eval_schedule(cfg))
     gen = max(cfg.n_samples, cfg.sample_grid)
     if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
@@ -468,7 +484,7 @@ def dry_run_table(cells:list, images_per_s:float|None=None, tflops:float|None=No
     "One row per cell: its id, grid values, status and cost."
     return pd.DataFrame([{'cell_id': c.cell_id, **c.point, 'status': read_status(c.run_dir), **cell_cost(c.cfg, images_per_s, tflops)} for c in cells])
 
-# %% ../nbs/08_sweep.ipynb #88c6837a
+# %% ../nbs/08_sweep.ipynb #1e6256ed
 def _read_bench(path) -> float:
     "The achieved training TFLOP/s of dmstudy's model in a `dmstudy bench --out` JSON file."
     rows = json.loads(Path(path).read_text())
@@ -525,14 +541,16 @@ def launch(sweep, # Sweep name or YAML path
                                " (give --throughput IMAGES_PER_S or a `dmstudy bench --out` JSON for hours)"))
         return t
     todo, reports = [], {}
+    queued = queued_jobs(f'dmstudy-{sw.name}') if any(cell_job(c.run_dir) for c in cells) else set()
     for c, p in tasks:
-        st, why = read_status(c.run_dir), ''
-        if st == 'done': why = 'done'
-        elif st.startswith('failed') and not retry: why = f'{st} (use --retry to run it again)'
+        st, why, busy = read_status(c.run_dir), '', True
+        if st == 'done': why, busy = 'done', False
+        elif st.startswith('failed') and not retry: why, busy = f'{st} (use --retry to run it again)', False
         elif is_locked(c.run_dir): why = 'running in another process'
+        elif cell_job(c.run_dir) in queued: why = f'queued in Slurm as job {cell_job(c.run_dir)}'
         if not why: todo.append((c, p)); continue
         log(f"{c.cell_id}: skipped, {why}")
-        reports[c.cell_id] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='busy' if why.startswith('running') else 'skipped',
+        reports[c.cell_id] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='busy' if busy else 'skipped',
                                   status=st, seconds=0.0, message=why)
     log(f"{sw.name}: {len(cells)} cells, {len(todo)} to run ({executor})")
     res = {**sw.resources, **{k: v for k, v in (resources or {}).items() if v is not None}}
@@ -548,15 +566,18 @@ def launch(sweep, # Sweep name or YAML path
     reports.update({r['cell_id']: r for r in ran})
     return [reports[c.cell_id] for c in cells]
 
-# %% ../nbs/08_sweep.ipynb #f764ba09
+# %% ../nbs/08_sweep.ipynb #51d9353d
 HEADLINE = ('loss/train', 'loss/test', 'mem_frac', 'copy_score', 'sw/test', 'sw_pixel/test', 'fid/test')
 
 def sweep_status(sweep, root=None) -> pd.DataFrame:
     "One row per cell: grid values, status, last evaluated step of all steps, and the last headline metrics."
     sw = load_sweep(sweep); rows = []
-    for c in sweep_cells(sw, root):
+    cells = sweep_cells(sw, root)
+    queued = queued_jobs(f'dmstudy-{sw.name}') if any(cell_job(c.run_dir) for c in cells) else set()
+    for c in cells:
         st = read_status(c.run_dir)
         if st == 'running': st = 'running' if is_locked(c.run_dir) else 'stopped'
+        if st in ('new', 'stopped') and cell_job(c.run_dir) in queued: st = f'queued (job {cell_job(c.run_dir)})'
         last = last_metrics(c.run_dir)
         rows.append({'cell_id': c.cell_id, **{k: c.point[k] for k in sw.axes}, 'status': st,
                      'step': last.get('step', 0), 'steps': c.cfg.steps, **{k: last[k] for k in HEADLINE if k in last}})
