@@ -579,11 +579,13 @@ def sample_metrics(samples:torch.Tensor, # Generated images [n, C, H, W], uint8
     ms, out, bs = set(cfg.metrics), {}, cfg.eval_batch_size
     refs = dict(train=split.train_images, test=split.eval_images)
     for name, ref in refs.items(): check_images(samples, ref, f'{name} images')
+    m = None
     if 'mem_frac' in ms:
         m = memorization_fraction(samples, split.train_images, k=cfg.mem_k, seed=cfg.seed)
         out.update(mem_frac=m.fraction, mem_frac_lo=m.lo, mem_frac_hi=m.hi)
     if 'nn_dist' in ms:
-        for name, ref in refs.items(): out[f'nn_dist/{name}'] = nn_distance(samples, ref, f'{name} images')
+        for name, ref in refs.items():  # d1 of the memorization fraction is the nearest training distance already
+            out[f'nn_dist/{name}'] = m.d1.mean().item() if m is not None and name == 'train' else nn_distance(samples, ref, f'{name} images')
     if 'copy_score' in ms:
         path = cfg.sscd_path if cfg.copy_space == 'sscd' else cfg.inception_path
         key = ('copy_score', cfg.copy_space, path)  # after one failure, no further download attempts
@@ -600,7 +602,7 @@ def sample_metrics(samples:torch.Tensor, # Generated images [n, C, H, W], uint8
         fs = extract_features(samples[:k_all], inc, bs, cache=False)
         for name, ref in refs.items():
             fr = extract_features(ref, inc, bs)
-            if 'sw' in ms: out[f'sw/{name}'] = sliced_wasserstein(fs[:k_sw], fr, cfg.sw_projections, cfg.seed)
+            if 'sw' in ms: out[f'sw/{name}'] = sliced_wasserstein(fs[:k_sw].to(split.device), fr.to(split.device), cfg.sw_projections, cfg.seed)
             k = k_fid[name]; fg, fr_k = fs[:k], fr[:min(k, len(fr))]
             if 'fid' in ms: out[f'fid/{name}'] = frechet_distance(fg, fr_k)
             if 'kid' in ms: out[f'kid/{name}'] = kernel_distance(fg, fr_k, seed=cfg.seed)[0]
