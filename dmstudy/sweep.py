@@ -10,9 +10,9 @@ __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIEL
            'select_cells', 'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
            'read_status', 'write_status', 'last_metrics', 'cell_lock', 'is_locked', 'notebook_error', 'execute_cell',
            'run_local', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job', 'submit_slurm', 'wait_slurm',
-           'cell_cost', 'dry_run_table', 'launch', 'sweep_status', 'collect']
+           'cell_cost', 'dry_run_table', 'launch', 'sweep_runs', 'sweep_status', 'collect']
 
-# %% ../nbs/08_sweep.ipynb #4ff01891
+# %% ../nbs/08_sweep.ipynb #7bfc88f3
 from .compat import ensure_torchvision
 import difflib, fcntl, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd, yaml
 from .config import RunConfig, cell_id, run_dir_for, runs_root, atomic_write_text
 
-# %% ../nbs/08_sweep.ipynb #30785d85
+# %% ../nbs/08_sweep.ipynb #7e09176d
 SWEEP_KEYS = ('description', 'base', 'grid', 'seeds', 'normalize', 'resources')
 RESOURCE_KEYS = ('gpus', 'cpus', 'mem_gb', 'time_min', 'partition', 'array_parallelism', 'max_num_timeout', 'setup', 'slurm')
 NORMALIZE = {'n_train': 'N', 'batch_size': 'B', 'lr': 'lr'}  # sweep axis → the factor's name in `dmstudy.analysis`
@@ -49,7 +49,7 @@ def check_fields(d:dict, where:str) -> dict:
         if k not in CONFIG_FIELDS: raise ValueError(f"Unknown RunConfig field {k!r} in {where}; did you mean {_closest(k, CONFIG_FIELDS)!r}?")
     return {k: _coerce(k, v) for k, v in d.items()}
 
-# %% ../nbs/08_sweep.ipynb #1213a436
+# %% ../nbs/08_sweep.ipynb #a0a2e466
 @dataclass
 class Sweep:
     "A sweep: a base config, the grid points around it, the seeds, and what one cell needs to run."
@@ -80,7 +80,7 @@ def list_sweeps() -> list:
     "Names of the shipped sweeps."
     return sorted(p.stem for p in sweeps_dir().glob('*.yaml'))
 
-# %% ../nbs/08_sweep.ipynb #7bb500c7
+# %% ../nbs/08_sweep.ipynb #450ba41d
 def _grid_points(grid, where:str) -> list:
     if isinstance(grid, dict):
         for k, v in grid.items():
@@ -127,7 +127,7 @@ def load_sweep(name_or_path) -> Sweep:
         if not p.is_file(): raise FileNotFoundError(f"No sweep named {s!r}; the shipped sweeps are {', '.join(list_sweeps())} (or pass a path to a .yaml file).")
     return sweep_from_dict(yaml.safe_load(p.read_text()), p.stem, p)
 
-# %% ../nbs/08_sweep.ipynb #a5e8681e
+# %% ../nbs/08_sweep.ipynb #2686243e
 ID_FIELDS = ('n_train', 'unet', 'batch_size', 'lr', 'seed', 'objective')  # the fields `cell_id` spells out
 
 @dataclass
@@ -173,7 +173,7 @@ def select_cells(cells:list, only) -> list:
         out += [c for c in hit if c not in out]
     return [c for c in cells if c in out]
 
-# %% ../nbs/08_sweep.ipynb #a6fde39b
+# %% ../nbs/08_sweep.ipynb #559928f2
 TEMPLATE_OPTIONS = ('sweep', 'config', 'run_dir', 'quiet', 'show')
 
 def template_path() -> Path:
@@ -229,7 +229,7 @@ def cell_config(sweep=None, # A sweep name or file whose `base` the cell starts 
     cfg = RunConfig.from_dict(d)
     return cfg, Path(run_dir) if run_dir else run_dir_for(cfg, sw.name if sw else 'adhoc')
 
-# %% ../nbs/08_sweep.ipynb #da44ef03
+# %% ../nbs/08_sweep.ipynb #14f34264
 def read_status(run_dir) -> str:
     "A run directory's status (`running`, `done`, `failed: <reason>`), or `new` when it has none."
     p = Path(run_dir)/'status'
@@ -248,7 +248,7 @@ def last_metrics(run_dir) -> dict:
         except ValueError: continue
     return {}
 
-# %% ../nbs/08_sweep.ipynb #a8a82a1a
+# %% ../nbs/08_sweep.ipynb #656dfb8b
 @contextmanager
 def cell_lock(run_dir, # The cell's run directory (created)
               wait:float=0.0, # Seconds to keep trying when another process holds the lock
@@ -276,7 +276,7 @@ def is_locked(run_dir) -> bool:
         except BlockingIOError: return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN); return False
 
-# %% ../nbs/08_sweep.ipynb #2fe81268
+# %% ../nbs/08_sweep.ipynb #a7cc9c65
 def notebook_error(path) -> tuple|None:
     "The `(ename, evalue)` of the first error output in an executed notebook, or `None`."
     try: nb = json.loads(Path(path).read_text())
@@ -337,7 +337,7 @@ def execute_cell(cell:Cell, # The cell to run
         write_status(run_dir, f'failed: {reason}')
         return result('failed', f'failed: {reason} (see {run_dir}/log.txt)')
 
-# %% ../nbs/08_sweep.ipynb #deaf2196
+# %% ../nbs/08_sweep.ipynb #bb3294b3
 def _report(r:dict, i:int, n:int, log=print):
     msg = f" — {r['message']}" if r['message'] else ''
     log(f"[{i}/{n}] {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s){msg}")
@@ -372,7 +372,7 @@ def run_local(tasks:list, # (cell, params) pairs
             r = f.result(); results[r['cell_id']] = r; _report(r, i, len(tasks), log)
     return [results[c.cell_id] for c, _ in tasks]
 
-# %% ../nbs/08_sweep.ipynb #82a921a6
+# %% ../nbs/08_sweep.ipynb #f661602c
 try: from submitit.helpers import Checkpointable
 except ImportError: Checkpointable = object
 
@@ -396,7 +396,7 @@ def slurm_parameters(res:dict, name:str='dmstudy') -> dict:
     if res.get('slurm'): p['slurm_additional_parameters'] = dict(res['slurm'])
     return p
 
-# %% ../nbs/08_sweep.ipynb #a6217980
+# %% ../nbs/08_sweep.ipynb #eb8d945e
 FINISHED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE')
 
 def queued_jobs(name:str) -> set:
@@ -450,7 +450,7 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
         if left: time.sleep(poll)
     return [out[i] for i in range(len(jobs))]
 
-# %% ../nbs/08_sweep.ipynb #c8234176
+# %% ../nbs/08_sweep.ipynb #c5076a7d
 _NATIVE = {'cifar10': (3, 32), 'fashion-mnist': (1, 28), 'digits': (1, 8), 'gaussian': (1, 8)}  # channels, side
 
 @functools.lru_cache(maxsize=64)
@@ -484,7 +484,7 @@ def dry_run_table(cells:list, images_per_s:float|None=None, tflops:float|None=No
     "One row per cell: its id, grid values, status and cost."
     return pd.DataFrame([{'cell_id': c.cell_id, **c.point, 'status': read_status(c.run_dir), **cell_cost(c.cfg, images_per_s, tflops)} for c in cells])
 
-# %% ../nbs/08_sweep.ipynb #1e6256ed
+# %% ../nbs/08_sweep.ipynb #d10bb140
 def _read_bench(path) -> float:
     "The achieved training TFLOP/s of dmstudy's model in a `dmstudy bench --out` JSON file."
     rows = json.loads(Path(path).read_text())
@@ -532,12 +532,12 @@ def launch(sweep, # Sweep name or YAML path
         ips, tfl = (None, _read_bench(throughput)) if bench else (throughput, None)
         t = dry_run_table(cells, ips, tfl)
         log(f"{sw.name}: {len(cells)} cells{' — ' + sw.description if sw.description else ''}")
-        fmt = {'params': lambda v: f'{v / 1e6:.2f}M', 'hours': lambda v: f'{v:,.1f}', 'gflop': lambda v: f'{v:.3g}',
+        fmt = {'params': lambda v: f'{v / 1e6:.2f}M', 'hours': lambda v: f'{v:,.3g}', 'gflop': lambda v: f'{v:.3g}',
                **{k: (lambda v: f'{v:,}') for k in ('steps', 'images', 'evals', 'sample_nfe')}}
         log(t.to_string(index=False, formatters={k: f for k, f in fmt.items() if k in t}))
         tot = f"{t.images.sum():,} training images, {t.sample_nfe.sum():,} sampling network evaluations"
         at = f"{ips:,.0f} training images/s" if ips else f"{tfl:.3g} TFLOP/s (from {throughput})" if tfl else ''
-        log(f"total: {tot}" + (f", about {t.hours.sum():,.1f} hours at {at}" if at else
+        log(f"total: {tot}" + (f", about {t.hours.sum():,.3g} hours at {at}" if at else
                                " (give --throughput IMAGES_PER_S or a `dmstudy bench --out` JSON for hours)"))
         return t
     todo, reports = [], {}
@@ -566,20 +566,31 @@ def launch(sweep, # Sweep name or YAML path
     reports.update({r['cell_id']: r for r in ran})
     return [reports[c.cell_id] for c in cells]
 
-# %% ../nbs/08_sweep.ipynb #51d9353d
+# %% ../nbs/08_sweep.ipynb #4da42c74
 HEADLINE = ('loss/train', 'loss/test', 'mem_frac', 'copy_score', 'sw/test', 'sw_pixel/test', 'fid/test')
+
+def sweep_runs(sweep, root=None) -> list:
+    "The run directories in the sweep's folder `runs/<sweep>/` (cells of this grid or of earlier versions of it)."
+    sw = load_sweep(sweep)
+    d = Path(root if root is not None else runs_root())/sw.name
+    return sorted(p.parent for p in d.glob('*/config.json')) if d.is_dir() else []
 
 def sweep_status(sweep, root=None) -> pd.DataFrame:
     "One row per cell: grid values, status, last evaluated step of all steps, and the last headline metrics."
     sw = load_sweep(sweep); rows = []
     cells = sweep_cells(sw, root)
+    known = {Path(c.run_dir).resolve() for c in cells}
+    for d in sweep_runs(sw, root):  # runs of the sweep's folder that this grid does not plan (e.g. launched with --set seed=1)
+        if d.resolve() not in known:
+            cfg = RunConfig.from_json(d/'config.json')
+            cells.append(Cell(sw.name, d.name, cfg, {k: getattr(cfg, k) for k in sw.axes}, d))
     queued = queued_jobs(f'dmstudy-{sw.name}') if any(cell_job(c.run_dir) for c in cells) else set()
     for c in cells:
         st = read_status(c.run_dir)
         if st == 'running': st = 'running' if is_locked(c.run_dir) else 'stopped'
         if st in ('new', 'stopped') and cell_job(c.run_dir) in queued: st = f'queued (job {cell_job(c.run_dir)})'
         last = last_metrics(c.run_dir)
-        rows.append({'cell_id': c.cell_id, **{k: c.point[k] for k in sw.axes}, 'status': st,
+        rows.append({'cell_id': c.cell_id, **{k: c.point.get(k) for k in sw.axes}, 'status': st,
                      'step': last.get('step', 0), 'steps': c.cfg.steps, **{k: last[k] for k in HEADLINE if k in last}})
     return pd.DataFrame(rows)
 
@@ -592,21 +603,21 @@ def collect(sweep, # Sweep name or YAML path
     from dmstudy.analysis import load_runs, save_results, summarize
     if samples not in ('none', 'last', 'all'): raise ValueError(f"samples must be 'none', 'last' or 'all', got {samples!r}.")
     sw = load_sweep(sweep)
-    cells = [c for c in sweep_cells(sw, root) if last_metrics(c.run_dir)]
-    if not cells: raise FileNotFoundError(f"No cell of sweep {sw.name!r} has evaluations yet under {Path(root if root is not None else runs_root())/sw.name}; run `dmstudy sweep {sw.name}` first.")
-    df = load_runs([c.run_dir for c in cells])
+    runs = [d for d in sweep_runs(sw, root) if last_metrics(d)]
+    if not runs: raise FileNotFoundError(f"No run of sweep {sw.name!r} has evaluations yet under {Path(root if root is not None else runs_root())/sw.name}; run `dmstudy sweep {sw.name}` first.")
+    df = load_runs(runs)
     df['sweep'] = sw.name
     df['sweep_axis'] = NORMALIZE.get(sw.normalize, '')
     out = Path(out)
     pq = save_results(df, out/f'{sw.name}.parquet')
     summ = summarize(df)
-    status = {str(c.run_dir): read_status(c.run_dir) for c in cells}
+    status = {str(d): read_status(d) for d in runs}
     summ.insert(0, 'status', summ['run_dir'].map(status) if 'run_dir' in summ else None)
     csv = out/f'{sw.name}_summary.csv'
     tmp = csv.with_name(f'.{csv.name}.tmp{os.getpid()}'); summ.to_csv(tmp, index=False); os.replace(tmp, csv)
     if samples != 'none':
-        for c in cells:
-            pngs = sorted((Path(c.run_dir)/'samples').glob('*.png'))
-            dst = out/sw.name/c.cell_id; dst.mkdir(parents=True, exist_ok=True)
+        for d in runs:
+            pngs = sorted((d/'samples').glob('*.png'))
+            dst = out/sw.name/d.name; dst.mkdir(parents=True, exist_ok=True)
             for p in (pngs[-1:] if samples == 'last' else pngs): shutil.copyfile(p, dst/p.name)
     return pq, csv

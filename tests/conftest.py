@@ -1,18 +1,7 @@
-"Shared fixtures: the `dmstudy` command in a subprocess, and a real single-node Slurm cluster on this machine."
+"Shared fixtures: a real single-node Slurm cluster on this machine."
 import os, re, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import pytest
-
-
-def dmstudy_cmd(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
-    "Run the `dmstudy` console script (through this interpreter) and capture its output."
-    cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout, **kw)
-
-
-@pytest.fixture
-def dmstudy():
-    return dmstudy_cmd
 
 
 # ---------------------------------------------------------------------------------------------------------------

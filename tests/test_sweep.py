@@ -3,11 +3,16 @@ import contextlib, io, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import yaml
-from conftest import dmstudy_cmd
 
 pytestmark = pytest.mark.timeout(600)
 
 SMOKE_BASE = yaml.safe_load((Path(__file__).parents[1]/'dmstudy'/'sweeps'/'smoke.yaml').read_text())['base']
+
+
+def dmstudy_cmd(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    "Run the `dmstudy` console script (through this interpreter) and capture its output."
+    cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def main(*argv):
@@ -132,6 +137,16 @@ def test_misspelled_parameter_or_axis_stops_before_training(tmp_path):
     rc, _, err = main('sweep', sw, '--root', root)
     assert rc == 2 and "Unknown sweep axis 'n_trian' in typo.yaml; did you mean 'n_train'?" in err, err
     assert not root.exists()
+
+
+def test_papermill_alone_stops_at_a_misspelled_parameter(tmp_path):
+    "Run by hand with papermill (which only warns), the cell notebook itself stops at an unknown name, before training."
+    from dmstudy.sweep import template_path
+    r = subprocess.run([sys.executable, '-m', 'papermill', str(template_path()), str(tmp_path/'out.ipynb'), '-p', 'n_trian', '64',
+                        '-p', 'run_dir', str(tmp_path/'run'), '-k', 'python3'], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "Unknown parameter 'n_trian'" in r.stderr and "did you mean 'n_train'" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path/'run').exists()
 
 
 def test_killed_cell_resumes_and_ends_identical(tmp_path):
