@@ -8,12 +8,12 @@ Docs: https://dmstudy.github.io/dmstudy/cli.html.md"""
 __all__ = ['COMMANDS', 'parse_value', 'parse_sets', 'cmd_run', 'cmd_bench', 'cmd_sweep', 'cmd_status', 'cmd_collect', 'parser',
            'main']
 
-# %% ../nbs/09_cli.ipynb #75650edf
+# %% ../nbs/09_cli.ipynb #6b98803b
 import argparse, json, os, sys
 from pathlib import Path
 import yaml
 
-# %% ../nbs/09_cli.ipynb #50d4357a
+# %% ../nbs/09_cli.ipynb #3be27a2c
 def parse_value(s:str):
     "A command-line value as YAML (`None` is null too); a string when it does not parse."
     if s in ('None', 'none', 'null', '~'): return None
@@ -33,7 +33,7 @@ def parse_sets(items) -> dict:
         out[k.strip()] = parse_value(v)
     return out
 
-# %% ../nbs/09_cli.ipynb #a7938fbb
+# %% ../nbs/09_cli.ipynb #1f8b53ae
 def _add_run(sub):
     p = sub.add_parser('run', help='train (or resume) one run', description='Train one run, or resume it when its run directory holds the same config.')
     p.add_argument('config', nargs='?', help='a RunConfig .yaml or .json file (default: RunConfig defaults)')
@@ -58,7 +58,7 @@ def cmd_run(a) -> int:
         elif isinstance(v, int): print(f"  {k:24} {v}")
     return 0 if r.status == 'done' else 1
 
-# %% ../nbs/09_cli.ipynb #9932d9ed
+# %% ../nbs/09_cli.ipynb #0759ae60
 def _add_bench(sub):
     p = sub.add_parser('bench', help='training and sampling speed of a U-Net preset', description='Steady-state training and sampling speed of a U-Net preset on this machine, beside a comparable diffusers.UNet2DModel.')
     p.add_argument('--preset', default='cpu-16', help='U-Net preset (default cpu-16)')
@@ -83,7 +83,7 @@ def cmd_bench(a) -> int:
         Path(a.out).write_text(json.dumps(rows, indent=1, default=str) + '\n'); print(f"wrote {a.out}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #b3685deb
+# %% ../nbs/09_cli.ipynb #7f514cb6
 def _add_sweep(sub):
     p = sub.add_parser('sweep', help="run a sweep's cells, one papermill notebook each",
                        description="Run the cells of a sweep (a shipped name or a YAML file), one executed notebook per cell in "
@@ -137,7 +137,7 @@ def cmd_sweep(a) -> int:
     print(f"{a.sweep}: {done} done, {failed} failed, {stopped} interrupted, {busy} running elsewhere")
     return 1 if failed or stopped else 0
 
-# %% ../nbs/09_cli.ipynb #dadf4d74
+# %% ../nbs/09_cli.ipynb #1be1c161
 def _add_status(sub):
     p = sub.add_parser('status', help="a table of a sweep's cells", description="One line per cell of a sweep: status, last evaluated step, last headline metrics.")
     p.add_argument('sweep', metavar='NAME|FILE')
@@ -168,7 +168,7 @@ def cmd_collect(a) -> int:
     print(f"wrote {pq} ({len(s)} runs) and {csv}")
     return 0
 
-# %% ../nbs/09_cli.ipynb #86f57bf1
+# %% ../nbs/09_cli.ipynb #6322c8da
 COMMANDS = {'run': (_add_run, cmd_run), 'bench': (_add_bench, cmd_bench), 'sweep': (_add_sweep, cmd_sweep),
             'status': (_add_status, cmd_status), 'collect': (_add_collect, cmd_collect)}
 

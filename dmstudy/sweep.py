@@ -12,7 +12,7 @@ __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIEL
            'run_local', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job', 'submit_slurm', 'wait_slurm',
            'cell_cost', 'dry_run_table', 'launch', 'sweep_runs', 'sweep_status', 'collect']
 
-# %% ../nbs/08_sweep.ipynb #7bfc88f3
+# %% ../nbs/08_sweep.ipynb #26b1013f
 from .compat import ensure_torchvision
 import difflib, fcntl, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd, yaml
 from .config import RunConfig, cell_id, run_dir_for, runs_root, atomic_write_text
 
-# %% ../nbs/08_sweep.ipynb #7e09176d
+# %% ../nbs/08_sweep.ipynb #6d216f11
 SWEEP_KEYS = ('description', 'base', 'grid', 'seeds', 'normalize', 'resources')
 RESOURCE_KEYS = ('gpus', 'cpus', 'mem_gb', 'time_min', 'partition', 'array_parallelism', 'max_num_timeout', 'setup', 'slurm')
 NORMALIZE = {'n_train': 'N', 'batch_size': 'B', 'lr': 'lr'}  # sweep axis → the factor's name in `dmstudy.analysis`
@@ -49,7 +49,7 @@ def check_fields(d:dict, where:str) -> dict:
         if k not in CONFIG_FIELDS: raise ValueError(f"Unknown RunConfig field {k!r} in {where}; did you mean {_closest(k, CONFIG_FIELDS)!r}?")
     return {k: _coerce(k, v) for k, v in d.items()}
 
-# %% ../nbs/08_sweep.ipynb #a0a2e466
+# %% ../nbs/08_sweep.ipynb #fd525b06
 @dataclass
 class Sweep:
     "A sweep: a base config, the grid points around it, the seeds, and what one cell needs to run."
@@ -80,7 +80,7 @@ def list_sweeps() -> list:
     "Names of the shipped sweeps."
     return sorted(p.stem for p in sweeps_dir().glob('*.yaml'))
 
-# %% ../nbs/08_sweep.ipynb #450ba41d
+# %% ../nbs/08_sweep.ipynb #d7e8a284
 def _grid_points(grid, where:str) -> list:
     if isinstance(grid, dict):
         for k, v in grid.items():
@@ -127,7 +127,7 @@ def load_sweep(name_or_path) -> Sweep:
         if not p.is_file(): raise FileNotFoundError(f"No sweep named {s!r}; the shipped sweeps are {', '.join(list_sweeps())} (or pass a path to a .yaml file).")
     return sweep_from_dict(yaml.safe_load(p.read_text()), p.stem, p)
 
-# %% ../nbs/08_sweep.ipynb #2686243e
+# %% ../nbs/08_sweep.ipynb #9c50102c
 ID_FIELDS = ('n_train', 'unet', 'batch_size', 'lr', 'seed', 'objective')  # the fields `cell_id` spells out
 
 @dataclass
@@ -173,7 +173,7 @@ def select_cells(cells:list, only) -> list:
         out += [c for c in hit if c not in out]
     return [c for c in cells if c in out]
 
-# %% ../nbs/08_sweep.ipynb #559928f2
+# %% ../nbs/08_sweep.ipynb #80578755
 TEMPLATE_OPTIONS = ('sweep', 'config', 'run_dir', 'quiet', 'show')
 
 def template_path() -> Path:
@@ -229,7 +229,7 @@ def cell_config(sweep=None, # A sweep name or file whose `base` the cell starts 
     cfg = RunConfig.from_dict(d)
     return cfg, Path(run_dir) if run_dir else run_dir_for(cfg, sw.name if sw else 'adhoc')
 
-# %% ../nbs/08_sweep.ipynb #14f34264
+# %% ../nbs/08_sweep.ipynb #e98a2554
 def read_status(run_dir) -> str:
     "A run directory's status (`running`, `done`, `failed: <reason>`), or `new` when it has none."
     p = Path(run_dir)/'status'
@@ -248,7 +248,7 @@ def last_metrics(run_dir) -> dict:
         except ValueError: continue
     return {}
 
-# %% ../nbs/08_sweep.ipynb #656dfb8b
+# %% ../nbs/08_sweep.ipynb #7714550b
 @contextmanager
 def cell_lock(run_dir, # The cell's run directory (created)
               wait:float=0.0, # Seconds to keep trying when another process holds the lock
@@ -276,7 +276,7 @@ def is_locked(run_dir) -> bool:
         except BlockingIOError: return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN); return False
 
-# %% ../nbs/08_sweep.ipynb #a7cc9c65
+# %% ../nbs/08_sweep.ipynb #6eab87e1
 def notebook_error(path) -> tuple|None:
     "The `(ename, evalue)` of the first error output in an executed notebook, or `None`."
     try: nb = json.loads(Path(path).read_text())
@@ -337,7 +337,7 @@ def execute_cell(cell:Cell, # The cell to run
         write_status(run_dir, f'failed: {reason}')
         return result('failed', f'failed: {reason} (see {run_dir}/log.txt)')
 
-# %% ../nbs/08_sweep.ipynb #bb3294b3
+# %% ../nbs/08_sweep.ipynb #7d03e7af
 def _report(r:dict, i:int, n:int, log=print):
     msg = f" — {r['message']}" if r['message'] else ''
     log(f"[{i}/{n}] {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s){msg}")
@@ -372,7 +372,7 @@ def run_local(tasks:list, # (cell, params) pairs
             r = f.result(); results[r['cell_id']] = r; _report(r, i, len(tasks), log)
     return [results[c.cell_id] for c, _ in tasks]
 
-# %% ../nbs/08_sweep.ipynb #f661602c
+# %% ../nbs/08_sweep.ipynb #9da50a69
 try: from submitit.helpers import Checkpointable
 except ImportError: Checkpointable = object
 
@@ -396,7 +396,7 @@ def slurm_parameters(res:dict, name:str='dmstudy') -> dict:
     if res.get('slurm'): p['slurm_additional_parameters'] = dict(res['slurm'])
     return p
 
-# %% ../nbs/08_sweep.ipynb #eb8d945e
+# %% ../nbs/08_sweep.ipynb #cf4fec64
 FINISHED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE')
 
 def queued_jobs(name:str) -> set:
@@ -450,7 +450,7 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
         if left: time.sleep(poll)
     return [out[i] for i in range(len(jobs))]
 
-# %% ../nbs/08_sweep.ipynb #c5076a7d
+# %% ../nbs/08_sweep.ipynb #054b468d
 _NATIVE = {'cifar10': (3, 32), 'fashion-mnist': (1, 28), 'digits': (1, 8), 'gaussian': (1, 8)}  # channels, side
 
 @functools.lru_cache(maxsize=64)
@@ -484,7 +484,7 @@ def dry_run_table(cells:list, images_per_s:float|None=None, tflops:float|None=No
     "One row per cell: its id, grid values, status and cost."
     return pd.DataFrame([{'cell_id': c.cell_id, **c.point, 'status': read_status(c.run_dir), **cell_cost(c.cfg, images_per_s, tflops)} for c in cells])
 
-# %% ../nbs/08_sweep.ipynb #d10bb140
+# %% ../nbs/08_sweep.ipynb #64eeed3d
 def _read_bench(path) -> float:
     "The achieved training TFLOP/s of dmstudy's model in a `dmstudy bench --out` JSON file."
     rows = json.loads(Path(path).read_text())
@@ -566,7 +566,7 @@ def launch(sweep, # Sweep name or YAML path
     reports.update({r['cell_id']: r for r in ran})
     return [reports[c.cell_id] for c in cells]
 
-# %% ../nbs/08_sweep.ipynb #4da42c74
+# %% ../nbs/08_sweep.ipynb #9f8cefa5
 HEADLINE = ('loss/train', 'loss/test', 'mem_frac', 'copy_score', 'sw/test', 'sw_pixel/test', 'fid/test')
 
 def sweep_runs(sweep, root=None) -> list:
