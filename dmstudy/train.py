@@ -9,7 +9,7 @@ __all__ = ['eval_schedule', 'IndexSampler', 'ema_decay_at', 'ema_update', 'make_
            'read_status', 'save_checkpoint', 'load_checkpoint', 'read_metrics', 'check_run_dir', 'save_grid',
            'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
 
-# %% ../nbs/05_train.ipynb #4e2646c8
+# %% ../nbs/05_train.ipynb #c6e2aac4
 from .compat import ensure_torchvision
 import copy, json, math, os, shutil, signal, sys, time
 from contextlib import contextmanager, nullcontext
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from .config import (RunConfig, cell_id, make_generators, generator_states, set_generator_states,
                             resolve_device, atomic_write_text, seed_everything)
 from .data import Split, load_split, to_model_space, from_model_space
@@ -25,7 +25,7 @@ from .unet import build_unet, count_params
 from .diffusion import make_objective, prepare_model, autocast
 from .metrics import evaluate
 
-# %% ../nbs/05_train.ipynb #2e0dba3a
+# %% ../nbs/05_train.ipynb #b44d7d54
 def eval_schedule(cfg:RunConfig) -> list:
     "The sorted optimizer steps at which a run is evaluated (always including the last)."
     if cfg.eval_steps: s = {int(x) for x in cfg.eval_steps if 0 < int(x) <= cfg.steps}
@@ -34,7 +34,7 @@ def eval_schedule(cfg:RunConfig) -> list:
         while (v := int(round(cfg.eval_first * 10 ** (k / cfg.eval_per_decade)))) <= cfg.steps: s.add(v); k += 1
     return sorted(s | {cfg.steps})
 
-# %% ../nbs/05_train.ipynb #86c3b25b
+# %% ../nbs/05_train.ipynb #60f2fd61
 class IndexSampler:
     "Draw batches of indices in [0, n): successive random permutations, from one generator."
     def __init__(self, n:int, gen:torch.Generator):
@@ -53,7 +53,7 @@ class IndexSampler:
     def state_dict(self) -> dict: return {'perm': self.perm.clone(), 'pos': self.pos}
     def load_state_dict(self, d:dict): self.perm, self.pos = d['perm'].clone(), int(d['pos'])
 
-# %% ../nbs/05_train.ipynb #f8f82c0f
+# %% ../nbs/05_train.ipynb #fdf93382
 def ema_decay_at(cfg:RunConfig, step:int) -> float:
     "The EMA decay used after optimizer step `step` (1-based)."
     return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
@@ -65,7 +65,7 @@ def ema_update(ema:torch.nn.Module, model:torch.nn.Module, decay:float):
     torch._foreach_lerp_(ep, mp, 1.0 - decay)
     for b, mb in zip(ema.buffers(), model.buffers()): b.copy_(mb)
 
-# %% ../nbs/05_train.ipynb #cf8f5c0d
+# %% ../nbs/05_train.ipynb #6cfee8a4
 def make_optimizer(cfg:RunConfig, params, device:torch.device) -> torch.optim.Optimizer:
     "Adam with the config's betas (fused on CUDA when `fused_adam`), or SGD with momentum."
     params = list(params)
@@ -78,7 +78,7 @@ def lr_at(cfg:RunConfig, step:int) -> float:
     "Learning rate for optimizer step `step` (1-based): linear warm-up, then constant."
     return cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
-# %% ../nbs/05_train.ipynb #80696d22
+# %% ../nbs/05_train.ipynb #84a5b264
 def write_status(run_dir, status:str): atomic_write_text(Path(run_dir)/'status', status + '\n')
 
 def read_status(run_dir) -> str:
@@ -115,7 +115,7 @@ def _truncate_metrics(run_dir, step:int):
 def _append_metrics(run_dir, row:dict):
     with open(Path(run_dir)/'metrics.jsonl', 'a') as f: f.write(json.dumps(row) + '\n'); f.flush(); os.fsync(f.fileno())
 
-# %% ../nbs/05_train.ipynb #c3cb689d
+# %% ../nbs/05_train.ipynb #3af0ad74
 _NOT_IDENTITY = ('device',)
 
 def check_run_dir(cfg:RunConfig, run_dir):
@@ -127,7 +127,7 @@ def check_run_dir(cfg:RunConfig, run_dir):
     if diff: raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                               f"use another run directory or delete this one.")
 
-# %% ../nbs/05_train.ipynb #823286a5
+# %% ../nbs/05_train.ipynb #3a050a91
 def save_grid(images:torch.Tensor, path, nrow:int=8, padding:int=2):
     "Save uint8 NCHW images as one PNG grid, `nrow` per row."
     from torchvision.utils import make_grid
@@ -139,7 +139,7 @@ def save_grid(images:torch.Tensor, path, nrow:int=8, padding:int=2):
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}.png')
     Image.fromarray(arr).save(tmp); os.replace(tmp, path)
 
-# %% ../nbs/05_train.ipynb #721b488c
+# %% ../nbs/05_train.ipynb #82ce717d
 class _Stop:
     def __init__(self): self.signum = None
     def __call__(self, signum, frame): self.signum = signum
@@ -154,7 +154,7 @@ def _catch_signals():
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/05_train.ipynb #8483a9c5
+# %% ../nbs/05_train.ipynb #56677716
 @dataclass
 class RunResult:
     "What a finished (or stopped) run leaves behind."
@@ -176,7 +176,7 @@ def _state(model, ema, opt, sampler, gens, step, sched_pos, wall, cfg, loss_acc)
     if torch.cuda.is_available(): st['cuda_rng'] = torch.cuda.get_rng_state_all()
     return st
 
-# %% ../nbs/05_train.ipynb #d704842f
+# %% ../nbs/05_train.ipynb #85681f18
 def train(cfg:RunConfig, # The run's configuration
           run_dir, # Its run directory (created, or resumed when it holds the same config)
           quiet:bool=False, # Log lines instead of a progress bar
@@ -289,7 +289,7 @@ def train(cfg:RunConfig, # The run's configuration
     else: save_checkpoint(state(), ckpt)
     return RunResult(run_dir, read_status(run_dir), step, last, params)
 
-# %% ../nbs/05_train.ipynb #b50e200c
+# %% ../nbs/05_train.ipynb #439cee42
 class _GenView:
     "Make a (possibly CUDA) generator's state checkpointable as a CPU tensor."
     def __init__(self, g): self.g = g
@@ -298,7 +298,7 @@ class _GenView:
 def _eval_generator(cfg:RunConfig, device) -> torch.Generator:
     g = torch.Generator(device=device); g.manual_seed(cfg.seed * 1_000_003 + 7); return g
 
-# %% ../nbs/05_train.ipynb #772ae94d
+# %% ../nbs/05_train.ipynb #be7d1dc0
 class _DiffusersAdapter(torch.nn.Module):
     "Give a `diffusers.UNet2DModel` dmstudy's `model(x, c_noise, y)` signature."
     def __init__(self, m, num_classes): super().__init__(); self.m, self.num_classes = m, num_classes
@@ -323,7 +323,7 @@ def diffusers_like(preset:str, image_shape:tuple, num_classes:int=10, device='cp
     best = min(cands, key=lambda cg: abs(count_params(make(*cg, 'meta')) - target) if cg[0] >= cg[1] else float('inf'))
     return _DiffusersAdapter(make(*best, device), num_classes if cond else 0)
 
-# %% ../nbs/05_train.ipynb #cb9e6170
+# %% ../nbs/05_train.ipynb #f99a09e5
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
