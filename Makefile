@@ -31,7 +31,7 @@ demo: install
 	dmstudy demo
 
 readme:
-	$(PY) -m jupyter nbconvert --to markdown --log-level WARN --stdout nbs/index.ipynb > README.md
+	rm -rf README_files && $(PY) -m jupyter nbconvert --to markdown --log-level WARN --output-dir . --output README nbs/index.ipynb
 
 report: install
 	dmstudy report
