@@ -13,9 +13,9 @@ __all__ = ['CLAIMS', 'STUDIES', 'VERDICTS', 'HALDER', 'NAV_CSS', 'find_root', 'r
            'last_samples', 'nn_figure', 'copy_samples', 'show_sweep', 'site_config', 'site_pages', 'front_matter',
            'page_meta', 'html_option', 'page_title', 'cell_options', 'prepare_page', 'execute_notebook', 'pandoc_id',
            'nav_html', 'finish_html', 'site_paths', 'site_nav', 'render_fallback', 'quarto_binary', 'render_quarto',
-           'render_site']
+           'render_site', 'run_demo']
 
-# %% ../nbs/11_report.ipynb #b1bb88b1
+# %% ../nbs/11_report.ipynb #9720e15e
 import base64, glob, html, json, math, mimetypes, os, re, shutil, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +26,7 @@ from .config import RunConfig
 from .analysis import (NONE, FIDELITY_METRICS, MEM_METRICS, double_descent, normalized_step, read_results,
                               scaling_fit, series, summarize)
 
-# %% ../nbs/11_report.ipynb #4fec730d
+# %% ../nbs/11_report.ipynb #0e8e17f7
 def find_root(start=None) -> Path:
     "The project folder: `$DMSTUDY_ROOT`, else the first folder at or above `start` (default: cwd) holding `_quarto.yml` or `pyproject.toml`."
     if os.environ.get('DMSTUDY_ROOT'): return Path(os.environ['DMSTUDY_ROOT']).resolve()
@@ -54,7 +54,7 @@ def sample_dirs(sweep:str, root=None) -> dict:
                 if d.name not in out and (d/'config.json').exists() and any((d/'samples').glob('step_*.png')): out[d.name] = d
     return out
 
-# %% ../nbs/11_report.ipynb #98fc1474
+# %% ../nbs/11_report.ipynb #4eebc57e
 CLAIMS = {
     1: "Train and test losses agree until τ_mem, then the test loss rises; the memorization score rises after τ_mem and keeps rising.",
     2: "Train and test sliced Wasserstein / FID stay nearly equal throughout: they cannot tell novelty from fidelity.",
@@ -73,7 +73,7 @@ STUDIES = {
     'learning_rate': dict(title='Learning rate', sweeps=('paper-learning-rate', 'paper-learning-rate-ddpm'), hue='lr', axis='lr', claims=(1, 2, 3, 7)),
 }
 
-# %% ../nbs/11_report.ipynb #adf8f24e
+# %% ../nbs/11_report.ipynb #85f2f0c8
 def missing_note(sweeps, # The sweep names whose results the page reads
                  root=None, # The project folder
                 ) -> str:
@@ -91,7 +91,7 @@ def claims_markdown(claims) -> str:
     "The claims of `STUDY.md` a page tests, as a Markdown list."
     return '\n'.join(f'- **Claim {c}.** {CLAIMS[c]}' for c in claims)
 
-# %% ../nbs/11_report.ipynb #3eacdbe7
+# %% ../nbs/11_report.ipynb #69776952
 def study_summary(df:pd.DataFrame, # Tidy table of one sweep
                   axis:str|None=None, # The normalized-step factor (`N`, `B`, `lr`) or `None`
                  ) -> pd.DataFrame:
@@ -132,7 +132,7 @@ def derived_table(sm:pd.DataFrame, # `study_summary` of one sweep
         rows.append(d)
     return pd.DataFrame(rows).set_index(hue)
 
-# %% ../nbs/11_report.ipynb #66b40be7
+# %% ../nbs/11_report.ipynb #26a80f86
 def tau_table(sm:pd.DataFrame, # `study_summary` of one sweep
               hue:str='N', # The swept column
              ) -> tuple: # (table, sentence)
@@ -158,7 +158,7 @@ def tau_table(sm:pd.DataFrame, # `study_summary` of one sweep
     else: sent = f"**τ_mem does not increase monotonically with {hue}** ({desc} steps)."
     return pd.DataFrame(rows).set_index(hue), sent
 
-# %% ../nbs/11_report.ipynb #7c645ce8
+# %% ../nbs/11_report.ipynb #ae946ea3
 VERDICTS = ('supported', 'contradicted', 'undecided')
 
 class Verdict(NamedTuple):
@@ -232,7 +232,7 @@ def check_scaling(sm:pd.DataFrame, x:str, expected:float, claim:int, statement:s
     return Verdict(claim, statement, v, f"log-log fit over {f.n} runs: exponent {f.exponent:.2f}, 95% CI [{lo:.2f}, {hi:.2f}] "
                    f"({'holds' if v == 'supported' else 'excludes'} {expected:g}); R² = {f.r2_log:.3f}.")
 
-def check_trend(sm:pd.DataFrame, x:str, y:str, sign:int, claim:int, statement:str, rho_min:float=0.8) -> Verdict:
+def check_trend(sm:pd.DataFrame, x:str, y:str, sign:int, claim:int, statement:str, rho_min:float=0.8, unit:str='runs') -> Verdict:
     "A monotone trend of `y` in `x` (`sign` = +1 increasing, −1 decreasing), judged by Spearman's ρ."
     d = sm[[x, y]].apply(pd.to_numeric, errors='coerce').dropna() if y in sm else pd.DataFrame()
     if len(d) < 3 or d[x].nunique() < 2:
@@ -240,7 +240,7 @@ def check_trend(sm:pd.DataFrame, x:str, y:str, sign:int, claim:int, statement:st
     rho = float(stats.spearmanr(d[x], d[y]).statistic) * sign
     if not math.isfinite(rho): return Verdict(claim, statement, 'undecided', f"{y} does not vary over the runs.")
     v = 'supported' if rho >= rho_min - 1e-9 else 'contradicted' if rho <= -rho_min + 1e-9 else 'undecided'
-    return Verdict(claim, statement, v, f"Spearman ρ({x}, {y}) = {sign * rho:+.2f} over {len(d)} runs (expected sign {'+' if sign > 0 else '−'}; "
+    return Verdict(claim, statement, v, f"Spearman ρ({x}, {y}) = {sign * rho:+.2f} over {len(d)} {unit} (expected sign {'+' if sign > 0 else '−'}; "
                    f"|ρ| ≥ {rho_min} decides).")
 
 def check_unchanged(sm:pd.DataFrame, y:str, claim:int, statement:str) -> Verdict:
@@ -253,7 +253,7 @@ def check_unchanged(sm:pd.DataFrame, y:str, claim:int, statement:str) -> Verdict
     return Verdict(claim, statement, v, f"the {len(d)} intervals of {y} {'share' if a <= b else 'do not share'} a common value "
                    f"(largest lower bound {a:.3g}, smallest upper bound {b:.3g}).")
 
-# %% ../nbs/11_report.ipynb #40a0a9f2
+# %% ../nbs/11_report.ipynb #62a4e285
 def verdicts(df:pd.DataFrame, # Tidy table of one sweep
              sm:pd.DataFrame, # Its `study_summary`
              claims=(1, 2, 3), # The claims to judge
@@ -287,11 +287,11 @@ def verdict_markdown(v:pd.DataFrame) -> str:
     n = v.verdict.value_counts()
     head = (f"The data **support** {n.get('supported', 0)}, **contradict** {n.get('contradicted', 0)} and **cannot yet decide** "
             f"{n.get('undecided', 0)} of {len(v)} statements.")
-    mark = {'supported': '✅ supported', 'contradicted': '❌ contradicted', 'undecided': '❔ undecided'}
+    mark = {'supported': 'supported', 'contradicted': 'contradicted', 'undecided': 'undecided'}
     lab = lambda c: f'Claim {c}' if isinstance(c, (int, np.integer)) else str(c)
     return head + '\n\n' + '\n'.join(f"- {lab(r.claim)}, {r.statement}: **{mark[r.verdict]}** — {r.evidence}" for r in v.itertuples())
 
-# %% ../nbs/11_report.ipynb #7e3d1249
+# %% ../nbs/11_report.ipynb #95713bcb
 HALDER = ("Halder: with training data drawn from an isotropic Gaussian, a linear one-step denoiser shows the transition "
           "from memorization to generalization as the training set grows.")
 
@@ -300,16 +300,16 @@ def check_transition(tab:pd.DataFrame, # Rows of one experiment: `N`, `p_general
                     ) -> pd.DataFrame:
     "Verdicts on Halder's transition: P(Δ > 0) rises with N and crosses ½ inside the grid; the Hellinger distance falls."
     t = tab.sort_values('N')
-    out = [check_trend(t, 'N', 'p_general', 1, claim, 'the share of training sets in the generalization regime, P(Δ > 0), rises with N')]
+    out = [check_trend(t, 'N', 'p_general', 1, claim, 'the share of training sets in the generalization regime, P(Δ > 0), rises with N', unit='values of N')]
     a, b = t.iloc[0], t.iloc[-1]
     ev = (f"P(Δ > 0) = {a.p_general:.2f} [{a.p_lo:.2f}, {a.p_hi:.2f}] at N = {int(a.N)} and {b.p_general:.2f} "
           f"[{b.p_lo:.2f}, {b.p_hi:.2f}] at N = {int(b.N)}")
     v = ('supported' if a.p_hi < 0.5 < b.p_lo else 'contradicted' if b.p_hi < 0.5 and a.p_lo > 0.5 else 'undecided')
     out.append(Verdict(claim, 'it crosses ½ inside the grid of N (memorization at small N, generalization at large N)', v, ev + '.'))
-    if 'hellinger' in t: out.append(check_trend(t, 'N', 'hellinger', -1, claim, 'the Hellinger distance of the generated law to the data law falls with N'))
+    if 'hellinger' in t: out.append(check_trend(t, 'N', 'hellinger', -1, claim, 'the Hellinger distance of the generated law to the data law falls with N', unit='values of N'))
     return pd.DataFrame(out, columns=Verdict._fields)
 
-# %% ../nbs/11_report.ipynb #1a4e2627
+# %% ../nbs/11_report.ipynb #f4315e3e
 def strips_figure(dirs:dict, # `{label: run or sample folder}`
                   n:int=6, # Samples per strip
                   steps:int=6, # Steps per strip (log-spaced over the saved grids)
@@ -340,17 +340,40 @@ def last_samples(run_dir, n:int|None=None) -> np.ndarray:
     c = cfg.channels or (3 if cfg.dataset == 'cifar10' else 1)
     return np.ascontiguousarray(t[..., :c].transpose(0, 3, 1, 2))
 
-def nn_figure(run_dir, # A run (or sample) folder with `config.json` and `samples/`
-              n:int=6, # Samples shown
+def nn_figure(dirs, # `{label: run or sample folder}`, or one folder
+              n:int=6, # Samples shown per run
               k:int=2, # Nearest training images per sample
+              scale:float=0.5, # Inches per image
              ):
-    "A run's last samples beside their nearest training images (L2 in pixel space), or a string saying why not."
+    "The last samples of runs beside their nearest training images (pixel L2), one panel per run, or a string saying why not."
+    import matplotlib.pyplot as plt
+    from dmstudy.analysis import image_grid
     from dmstudy.data import load_split
-    from dmstudy.plots import nearest_neighbours
-    cfg = RunConfig.from_json(Path(run_dir)/'config.json')
-    try: split = load_split(cfg.with_updates(device='cpu', download=False, n_eval=min(cfg.n_eval, 16)), device='cpu')
-    except Exception as e: return f"The nearest-neighbour grid of {Path(run_dir).name} needs its training images: {e}"
-    return nearest_neighbours(last_samples(run_dir, n), split.train_images, k=k, n=n)
+    from dmstudy.plots import nn_search
+    if isinstance(dirs, (str, os.PathLike)): dirs = {Path(dirs).name: dirs}
+    got, notes = [], []
+    for lab, d in dirs.items():
+        cfg = RunConfig.from_json(Path(d)/'config.json')
+        try: train = load_split(cfg.with_updates(device='cpu', download=False, n_eval=min(cfg.n_eval, 16)), device='cpu').train_images
+        except Exception as e: notes.append(f"{lab}: {e}"); continue
+        smp = last_samples(d, n)
+        dist, idx = nn_search(smp, train, max(k, 2)); kk = min(k, idx.shape[1])
+        tiles = np.concatenate([smp[:, None], train.numpy()[idx[:, :kk].numpy()]], 1).reshape(-1, *smp.shape[1:])
+        ratio = (dist[:, 0] / dist[:, 1]).numpy() if idx.shape[1] > 1 else np.full(len(smp), np.nan)
+        got.append((lab, image_grid(tiles, nrow=kk + 1), ratio, kk, smp.shape[-1]))
+    if not got: return "The nearest-neighbour grids need the training images: " + '; '.join(notes)
+    kk = max(g[3] for g in got); rows = max(len(g[2]) for g in got)
+    fig, axs = plt.subplots(1, len(got), figsize=(len(got) * (scale * (kk + 1) + 1.0), scale * rows + 0.9), squeeze=False, layout='constrained')
+    for ax, (lab, img, ratio, k_, side) in zip(axs[0], got):
+        w = side + 2
+        ax.imshow(img, interpolation='nearest'); ax.set_title(lab, fontsize=10)
+        ax.set_xticks([2 + w * (j + 0.5) for j in range(k_ + 1)], ['sample'] + [f'NN {j + 1}' for j in range(k_)], fontsize=8)
+        ax.xaxis.tick_top()
+        ax.set_yticks([2 + w * (i + 0.5) for i in range(len(ratio))], [f'{r:.2f}' for r in ratio], fontsize=8)
+        for t, r in zip(ax.get_yticklabels(), ratio): t.set_color('tab:red' if r < 1/3 else '0.3')
+        ax.set_ylabel('d1/d2', fontsize=8); ax.tick_params(length=0)
+        for sp in ax.spines.values(): sp.set_visible(False)
+    return fig
 
 def copy_samples(run_dirs, # Run directories
                  dest, # Folder that receives `<cell_id>/config.json` and `<cell_id>/samples/step_XXXXXXX.png`
@@ -370,7 +393,7 @@ def copy_samples(run_dirs, # Run directories
         out.append(d)
     return out
 
-# %% ../nbs/11_report.ipynb #ec22ba63
+# %% ../nbs/11_report.ipynb #62bcb416
 def _show(obj):
     from IPython.display import display, Markdown
     import matplotlib.pyplot as plt
@@ -402,9 +425,9 @@ def show_sweep(sweep:str, # The sweep name (its results are `results/<sweep>.par
         _show(f'#### τ_mem against {hue}')
         _show(scaling_plot(sm, hue, 'tau_mem'))
     dirs = sample_dirs(sweep, root)
-    lab = {r.cell_id: f'{hue}={value_label(hue, r[hue])}' for _, r in sm.iterrows()}
-    ordered = [(lab.get(c, c), d) for c, d in dirs.items()]
-    order = {c: v for c, v in zip(sm.cell_id, sm[hue])}
+    seeds = sm.seed.nunique() > 1
+    lab = {Path(r.run_dir).name: f'{hue}={value_label(hue, r[hue])}' + (f', seed {r.seed}' if seeds else '') for _, r in sm.iterrows()}
+    order = {Path(r.run_dir).name: r[hue] for _, r in sm.iterrows()}
     ordered = sorted(((lab.get(c, c), d, order.get(c, math.inf)) for c, d in dirs.items()), key=lambda t: t[2])
     _show('#### Samples across training\n\nEach row is one fixed noise, sampled at several steps of training.')
     if ordered: _show(strips_figure({l: d for l, d, _ in ordered}))
@@ -413,17 +436,14 @@ def show_sweep(sweep:str, # The sweep name (its results are `results/<sweep>.par
         _show('#### Nearest training images\n\nThe last samples of a run beside their nearest training images in pixel space; '
               'the red ratio d1/d2 below 1/3 marks a memorized sample.')
         pick = sorted({0, len(ordered) // 2, len(ordered) - 1})[:nn_runs]
-        for i in pick:
-            l, d, _ = ordered[i]; f = nn_figure(d)
-            if not isinstance(f, str): f.suptitle(l, fontsize=10)
-            _show(f)
+        _show(nn_figure({ordered[i][0]: ordered[i][1] for i in pick}))
     _show('#### Derived quantities')
     _show(derived_table(sm, hue))
     v = verdicts(df, sm, claims)
     _show('#### What the data say\n\n' + verdict_markdown(v))
     return sm, v
 
-# %% ../nbs/11_report.ipynb #df5adfe9
+# %% ../nbs/11_report.ipynb #12807a95
 def site_config(root='.') -> dict:
     "The parsed `_quarto.yml` of a project."
     p = Path(root)/'_quarto.yml'
@@ -484,7 +504,7 @@ def page_title(nb, meta:dict|None=None, default:str='') -> str:
             if m: return m.group(1).strip()
     return default
 
-# %% ../nbs/11_report.ipynb #470e52c6
+# %% ../nbs/11_report.ipynb #f1a71d13
 def cell_options(source:str) -> tuple:
     "(options, code) of a code cell: the `#| key: value` lines at its top parsed as YAML (bare flags map to `True`), and the rest."
     lines = source.splitlines(); opts = {}; i = 0
@@ -522,7 +542,7 @@ def prepare_page(nb, meta:dict):
     nb.cells = cells
     return nb
 
-# %% ../nbs/11_report.ipynb #0ddaf957
+# %% ../nbs/11_report.ipynb #ac9adbfc
 def execute_notebook(nb, # The notebook (executed in place)
                      cwd, # Working directory of the kernel
                      timeout:int=900, # Seconds a cell may run
@@ -540,7 +560,7 @@ def execute_notebook(nb, # The notebook (executed in place)
     except Exception as e: return f'{type(e).__name__}: {e}'
     return None
 
-# %% ../nbs/11_report.ipynb #4d197ee3
+# %% ../nbs/11_report.ipynb #a548a40d
 NAV_CSS = """
 body.jp-Notebook { padding: 0 !important; margin: 0 !important; }
 .jp-RenderedMarkdown pre { background: #f5f5f5; padding: .5rem .8rem; border-radius: 3px; }
@@ -637,7 +657,7 @@ def finish_html(body:str, # The page from nbconvert
     if footer: soup.body.append(BeautifulSoup(f'<footer class="dm-footer">{footer}</footer>', 'html.parser'))
     return str(soup), files
 
-# %% ../nbs/11_report.ipynb #fc9304bf
+# %% ../nbs/11_report.ipynb #f9e67ee6
 def _home(pages:list) -> str:
     "The home page: the shallowest `index.ipynb` among the pages, else the first page."
     idx = [p for p in pages if Path(p).name == 'index.ipynb']
@@ -710,7 +730,7 @@ def render_fallback(root='.', # The project folder (holds `_quarto.yml`)
     log(f"wrote {len(pages)} pages to {out}")
     return out/'index.html', errors
 
-# %% ../nbs/11_report.ipynb #a0486c6c
+# %% ../nbs/11_report.ipynb #9e12e878
 def quarto_binary() -> str|None:
     "The `quarto` executable on the PATH (or `$QUARTO`), or `None`."
     q = os.environ.get('QUARTO') or shutil.which('quarto')
@@ -749,7 +769,7 @@ def render_quarto(root='.', out='_site', execute=('nbs/index.ipynb', 'nbs/report
                                       f'<title>Redirect</title></head><body><a href="{h}">{h}</a></body></html>\n')
     return out/'index.html', errors
 
-# %% ../nbs/11_report.ipynb #25e79957
+# %% ../nbs/11_report.ipynb #faaed79e
 def render_site(root='.', # The project folder (holds `_quarto.yml`)
                 out='_site', # The site folder (replaced), relative to `root` unless absolute
                 backend:str='auto', # `auto` (Quarto when installed), `quarto` or `fallback`
@@ -770,4 +790,41 @@ def render_site(root='.', # The project folder (holds `_quarto.yml`)
         if strict: raise RuntimeError(f"{len(errors)} page(s) failed to execute (the site was written with their errors shown): {msg}")
         if log: log(f"warning: {len(errors)} page(s) failed: {msg}")
     if log: log(f"The study is rendered ({'Quarto' if use_quarto else 'nbconvert'}, {time.time() - t0:.0f} s): {idx}")
+    return idx
+
+# %% ../nbs/11_report.ipynb #1362e450
+def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; threads are split between them)
+             root='.', # The project folder (holds `_quarto.yml`; `results/` and `runs/` live here)
+             out='_site', # The site folder, relative to `root` unless absolute
+             sweep:str='demo', # The sweep to run (a shipped name or a YAML file)
+             render:bool=True, # Render the site after collecting
+             retry:bool=False, # Run failed cells again
+             quiet:bool=False, # Print nothing but errors
+            ) -> Path: # The site's `index.html` (or the results table when `render=False`)
+    "Train the CPU demo sweep, collect it into `results/`, copy its sample images, render the study; prints where it is."
+    from dmstudy.sweep import collect, launch, load_sweep, sweep_cells
+    log = (lambda *a: None) if quiet else print
+    root = Path(root).resolve(); t0 = time.time()
+    runs = Path(os.environ['DMSTUDY_RUNS']).resolve() if os.environ.get('DMSTUDY_RUNS') else root/'runs'
+    sw = load_sweep(sweep)
+    reports = launch(sweep, executor='local', jobs=jobs, root=runs, retry=retry, log=log)
+    bad = [r for r in reports if r['outcome'] not in ('done', 'skipped')]
+    if bad: raise RuntimeError(f"{len(bad)} cell(s) of the {sw.name} sweep did not finish: " +
+                               '; '.join(f"{r['cell_id']}: {r['outcome']} {r['message']}" for r in bad))
+    t1 = time.time()
+    pq, _ = collect(sweep, root=runs, out=root/'results')
+    df = read_results(pq)
+    rel = lambda p: os.path.relpath(p, root) if Path(p).is_absolute() and root in Path(p).parents else p
+    df['run_dir'] = df['run_dir'].map(lambda p: Path(rel(p)).as_posix())
+    from dmstudy.analysis import save_results
+    save_results(df, pq)
+    summ = root/'results'/f'{sw.name}_summary.csv'
+    if summ.exists():
+        s = pd.read_csv(summ)
+        if 'run_dir' in s: s['run_dir'] = s['run_dir'].map(lambda p: Path(rel(p)).as_posix()); s.to_csv(summ, index=False)
+    copy_samples([c.run_dir for c in sweep_cells(sw, runs) if (Path(c.run_dir)/'samples').is_dir()], root/'results'/sw.name)
+    log(f"trained in {t1 - t0:.0f} s; collected {pq.relative_to(root)} and sample images in results/{sw.name}/")
+    if not render: return pq
+    idx = render_site(root, out, quiet=quiet)
+    log(f"dmstudy demo finished in {time.time() - t0:.0f} s. Open {idx}")
     return idx
