@@ -15,7 +15,7 @@ __all__ = ['CLAIMS', 'STUDIES', 'VERDICTS', 'HALDER', 'NAV_CSS', 'find_root', 'r
            'nav_html', 'finish_html', 'site_paths', 'site_nav', 'render_fallback', 'quarto_binary', 'render_quarto',
            'render_site', 'run_demo']
 
-# %% ../nbs/11_report.ipynb #9720e15e
+# %% ../nbs/11_report.ipynb #c7dbad71
 import base64, glob, html, json, math, mimetypes, os, re, shutil, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +26,7 @@ from .config import RunConfig
 from .analysis import (NONE, FIDELITY_METRICS, MEM_METRICS, double_descent, normalized_step, read_results,
                               scaling_fit, series, summarize)
 
-# %% ../nbs/11_report.ipynb #0e8e17f7
+# %% ../nbs/11_report.ipynb #6b6de3f4
 def find_root(start=None) -> Path:
     "The project folder: `$DMSTUDY_ROOT`, else the first folder at or above `start` (default: cwd) holding `_quarto.yml` or `pyproject.toml`."
     if os.environ.get('DMSTUDY_ROOT'): return Path(os.environ['DMSTUDY_ROOT']).resolve()
@@ -54,7 +54,7 @@ def sample_dirs(sweep:str, root=None) -> dict:
                 if d.name not in out and (d/'config.json').exists() and any((d/'samples').glob('step_*.png')): out[d.name] = d
     return out
 
-# %% ../nbs/11_report.ipynb #4eebc57e
+# %% ../nbs/11_report.ipynb #0220c76e
 CLAIMS = {
     1: "Train and test losses agree until τ_mem, then the test loss rises; the memorization score rises after τ_mem and keeps rising.",
     2: "Train and test sliced Wasserstein / FID stay nearly equal throughout: they cannot tell novelty from fidelity.",
@@ -73,7 +73,7 @@ STUDIES = {
     'learning_rate': dict(title='Learning rate', sweeps=('paper-learning-rate', 'paper-learning-rate-ddpm'), hue='lr', axis='lr', claims=(1, 2, 3, 7)),
 }
 
-# %% ../nbs/11_report.ipynb #85f2f0c8
+# %% ../nbs/11_report.ipynb #9166c527
 def missing_note(sweeps, # The sweep names whose results the page reads
                  root=None, # The project folder
                 ) -> str:
@@ -91,7 +91,7 @@ def claims_markdown(claims) -> str:
     "The claims of `STUDY.md` a page tests, as a Markdown list."
     return '\n'.join(f'- **Claim {c}.** {CLAIMS[c]}' for c in claims)
 
-# %% ../nbs/11_report.ipynb #69776952
+# %% ../nbs/11_report.ipynb #fe088f28
 def study_summary(df:pd.DataFrame, # Tidy table of one sweep
                   axis:str|None=None, # The normalized-step factor (`N`, `B`, `lr`) or `None`
                  ) -> pd.DataFrame:
@@ -132,7 +132,7 @@ def derived_table(sm:pd.DataFrame, # `study_summary` of one sweep
         rows.append(d)
     return pd.DataFrame(rows).set_index(hue)
 
-# %% ../nbs/11_report.ipynb #26a80f86
+# %% ../nbs/11_report.ipynb #2d7a5333
 def tau_table(sm:pd.DataFrame, # `study_summary` of one sweep
               hue:str='N', # The swept column
              ) -> tuple: # (table, sentence)
@@ -158,7 +158,7 @@ def tau_table(sm:pd.DataFrame, # `study_summary` of one sweep
     else: sent = f"**τ_mem does not increase monotonically with {hue}** ({desc} steps)."
     return pd.DataFrame(rows).set_index(hue), sent
 
-# %% ../nbs/11_report.ipynb #ae946ea3
+# %% ../nbs/11_report.ipynb #fbf30e1b
 VERDICTS = ('supported', 'contradicted', 'undecided')
 
 class Verdict(NamedTuple):
@@ -253,7 +253,7 @@ def check_unchanged(sm:pd.DataFrame, y:str, claim:int, statement:str) -> Verdict
     return Verdict(claim, statement, v, f"the {len(d)} intervals of {y} {'share' if a <= b else 'do not share'} a common value "
                    f"(largest lower bound {a:.3g}, smallest upper bound {b:.3g}).")
 
-# %% ../nbs/11_report.ipynb #62a4e285
+# %% ../nbs/11_report.ipynb #e1bfcaf3
 def verdicts(df:pd.DataFrame, # Tidy table of one sweep
              sm:pd.DataFrame, # Its `study_summary`
              claims=(1, 2, 3), # The claims to judge
@@ -291,7 +291,7 @@ def verdict_markdown(v:pd.DataFrame) -> str:
     lab = lambda c: f'Claim {c}' if isinstance(c, (int, np.integer)) else str(c)
     return head + '\n\n' + '\n'.join(f"- {lab(r.claim)}, {r.statement}: **{mark[r.verdict]}** — {r.evidence}" for r in v.itertuples())
 
-# %% ../nbs/11_report.ipynb #95713bcb
+# %% ../nbs/11_report.ipynb #7b00d399
 HALDER = ("Halder: with training data drawn from an isotropic Gaussian, a linear one-step denoiser shows the transition "
           "from memorization to generalization as the training set grows.")
 
@@ -309,7 +309,7 @@ def check_transition(tab:pd.DataFrame, # Rows of one experiment: `N`, `p_general
     if 'hellinger' in t: out.append(check_trend(t, 'N', 'hellinger', -1, claim, 'the Hellinger distance of the generated law to the data law falls with N', unit='values of N'))
     return pd.DataFrame(out, columns=Verdict._fields)
 
-# %% ../nbs/11_report.ipynb #f4315e3e
+# %% ../nbs/11_report.ipynb #47553351
 def strips_figure(dirs:dict, # `{label: run or sample folder}`
                   n:int=6, # Samples per strip
                   steps:int=6, # Steps per strip (log-spaced over the saved grids)
@@ -393,7 +393,7 @@ def copy_samples(run_dirs, # Run directories
         out.append(d)
     return out
 
-# %% ../nbs/11_report.ipynb #62bcb416
+# %% ../nbs/11_report.ipynb #b16e05dd
 def _show(obj):
     from IPython.display import display, Markdown
     import matplotlib.pyplot as plt
@@ -443,7 +443,7 @@ def show_sweep(sweep:str, # The sweep name (its results are `results/<sweep>.par
     _show('#### What the data say\n\n' + verdict_markdown(v))
     return sm, v
 
-# %% ../nbs/11_report.ipynb #12807a95
+# %% ../nbs/11_report.ipynb #78b711fc
 def site_config(root='.') -> dict:
     "The parsed `_quarto.yml` of a project."
     p = Path(root)/'_quarto.yml'
@@ -501,10 +501,10 @@ def page_title(nb, meta:dict|None=None, default:str='') -> str:
     for c in nb.cells:
         if c.cell_type == 'markdown':
             m = re.search(r'^#\s+(.+?)\s*$', c.source, re.M)
-            if m: return m.group(1).strip()
+            if m: return re.sub(r'[`*]', '', m.group(1)).strip()  # plain text: the title goes into the navigation bar
     return default
 
-# %% ../nbs/11_report.ipynb #f1a71d13
+# %% ../nbs/11_report.ipynb #42dc6e02
 def cell_options(source:str) -> tuple:
     "(options, code) of a code cell: the `#| key: value` lines at its top parsed as YAML (bare flags map to `True`), and the rest."
     lines = source.splitlines(); opts = {}; i = 0
@@ -542,7 +542,7 @@ def prepare_page(nb, meta:dict):
     nb.cells = cells
     return nb
 
-# %% ../nbs/11_report.ipynb #ac9adbfc
+# %% ../nbs/11_report.ipynb #f8868ec4
 def execute_notebook(nb, # The notebook (executed in place)
                      cwd, # Working directory of the kernel
                      timeout:int=900, # Seconds a cell may run
@@ -560,7 +560,7 @@ def execute_notebook(nb, # The notebook (executed in place)
     except Exception as e: return f'{type(e).__name__}: {e}'
     return None
 
-# %% ../nbs/11_report.ipynb #a548a40d
+# %% ../nbs/11_report.ipynb #9c6268b5
 NAV_CSS = """
 body.jp-Notebook { padding: 0 !important; margin: 0 !important; }
 .jp-RenderedMarkdown pre { background: #f5f5f5; padding: .5rem .8rem; border-radius: 3px; }
@@ -657,7 +657,7 @@ def finish_html(body:str, # The page from nbconvert
     if footer: soup.body.append(BeautifulSoup(f'<footer class="dm-footer">{footer}</footer>', 'html.parser'))
     return str(soup), files
 
-# %% ../nbs/11_report.ipynb #f9e67ee6
+# %% ../nbs/11_report.ipynb #38a60560
 def _home(pages:list) -> str:
     "The home page: the shallowest `index.ipynb` among the pages, else the first page."
     idx = [p for p in pages if Path(p).name == 'index.ipynb']
@@ -730,7 +730,7 @@ def render_fallback(root='.', # The project folder (holds `_quarto.yml`)
     log(f"wrote {len(pages)} pages to {out}")
     return out/'index.html', errors
 
-# %% ../nbs/11_report.ipynb #9e12e878
+# %% ../nbs/11_report.ipynb #e76fb413
 def quarto_binary() -> str|None:
     "The `quarto` executable on the PATH (or `$QUARTO`), or `None`."
     q = os.environ.get('QUARTO') or shutil.which('quarto')
@@ -769,7 +769,7 @@ def render_quarto(root='.', out='_site', execute=('nbs/index.ipynb', 'nbs/report
                                       f'<title>Redirect</title></head><body><a href="{h}">{h}</a></body></html>\n')
     return out/'index.html', errors
 
-# %% ../nbs/11_report.ipynb #faaed79e
+# %% ../nbs/11_report.ipynb #d4f6bbb8
 def render_site(root='.', # The project folder (holds `_quarto.yml`)
                 out='_site', # The site folder (replaced), relative to `root` unless absolute
                 backend:str='auto', # `auto` (Quarto when installed), `quarto` or `fallback`
@@ -792,7 +792,7 @@ def render_site(root='.', # The project folder (holds `_quarto.yml`)
     if log: log(f"The study is rendered ({'Quarto' if use_quarto else 'nbconvert'}, {time.time() - t0:.0f} s): {idx}")
     return idx
 
-# %% ../nbs/11_report.ipynb #1362e450
+# %% ../nbs/11_report.ipynb #094b1dd7
 def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; threads are split between them)
              root='.', # The project folder (holds `_quarto.yml`; `results/` and `runs/` live here)
              out='_site', # The site folder, relative to `root` unless absolute
