@@ -206,8 +206,7 @@ def train(cfg:RunConfig, # The run's configuration
     if ckpt.exists():  # resume
         st = load_checkpoint(ckpt)
         model.load_state_dict(st['model']); ema.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
-        sampler.load_state_dict(st['sampler']); set_generator_states(gens, {k: v for k, v in st['gens'].items() if k != 'noise_dev'})
-        noise_gen.set_state(st['gens']['noise_dev'].to(noise_gen.get_state().device) if device.type == 'cpu' else st['gens']['noise_dev'])
+        sampler.load_state_dict(st['sampler']); set_generator_states({**gens, 'noise_dev': noise_gen}, st['gens'])
         torch.set_rng_state(st['torch_rng'])
         if 'cuda_rng' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda_rng'])
         step, sched_pos, wall = st['step'], st['sched_pos'], st['wall_time']
@@ -215,7 +214,7 @@ def train(cfg:RunConfig, # The run's configuration
         _log(quiet, f"resuming {run_dir} at step {step}")
     _truncate_metrics(run_dir, step)
     params = count_params(model)
-    last = read_metrics(run_dir)[-1] if read_metrics(run_dir) else {}
+    last = (read_metrics(run_dir) or [{}])[-1]
     if step >= cfg.steps:
         write_status(run_dir, 'done')
         return RunResult(run_dir, 'done', step, last, params)
@@ -228,7 +227,7 @@ def train(cfg:RunConfig, # The run's configuration
     bad = torch.zeros((), dtype=torch.bool, device=device)
     t0 = time.perf_counter()
 
-    def state(): return _state(model, ema, opt, sampler, {**gens, 'noise_dev': _GenView(noise_gen)}, step, sched_pos,
+    def state(): return _state(model, ema, opt, sampler, {**gens, 'noise_dev': noise_gen}, step, sched_pos,
                                wall + time.perf_counter() - t0, cfg, (loss_sum.cpu(), loss_n))
 
     def fail(reason):
@@ -290,11 +289,6 @@ def train(cfg:RunConfig, # The run's configuration
     return RunResult(run_dir, read_status(run_dir), step, last, params)
 
 # %% ../nbs/05_train.ipynb #439cee42
-class _GenView:
-    "Make a (possibly CUDA) generator's state checkpointable as a CPU tensor."
-    def __init__(self, g): self.g = g
-    def get_state(self): return self.g.get_state()
-
 def _eval_generator(cfg:RunConfig, device) -> torch.Generator:
     g = torch.Generator(device=device); g.manual_seed(cfg.seed * 1_000_003 + 7); return g
 
