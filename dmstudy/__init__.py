@@ -3,9 +3,10 @@
 Modules:
 
 - `dmstudy.analysis`: From run directories to findings: one tidy table of every metric, then τ_mem, the memorization onset and rate, best fidelity, double descent, normalized steps and scaling fits.
+- `dmstudy.claims`: What each study page shows and how it judges the paper's claims: the results a page reads, the derived quantities it tabulates, and the rules that turn them into verdicts.
 - `dmstudy.diffusion`: DDPM and rectified flow on one interface: the forward process, the training loss, the samplers, and the closed-form minimiser of the empirical loss.
 - `dmstudy.metrics`: Memorization (nearest-neighbour ratio, copy score), fidelity (sliced Wasserstein, FID, KID), novelty and the loss by noise level: exact, offline, and fast enough to run at every evaluation.
-- `dmstudy.report`: The rendered study: what each page shows and how it judges the paper's claims, the site renderer (Quarto, or a self-contained fallback built on nbconvert), and `dmstudy demo`.
+- `dmstudy.site`: Render the study's website: the notebooks processed as `nbdev-docs` processes them, the study pages executed, then Quarto when it is installed, or nbconvert with a small template when it is not; and `dmstudy demo`.
 - `dmstudy.theory`: A linear, one-step diffusion model on Gaussian data, Halder's relative distance in closed form, the transition from memorization to generalization as the training set grows, and the same distance for trained models."""
 
 __version__ = "0.0.1"

@@ -171,29 +171,30 @@ def cmd_collect(a) -> int:
 # %% ../nbs/09_cli.ipynb #6322c8da
 def _add_report(sub):
     p = sub.add_parser('report', help='render the study into _site/', description='Render the study site: with Quarto when it is installed, otherwise with the built-in nbconvert renderer. Pages read results/ only.')
-    p.add_argument('--root', default='.', help='the project folder holding _quarto.yml (default .)')
+    p.add_argument('--root', default='.', help='the project folder holding pyproject.toml (default .)')
     p.add_argument('--out', default='_site', help='the site folder (default _site)')
     p.add_argument('--backend', choices=('auto', 'quarto', 'fallback'), default='auto', help='renderer (default auto)')
     p.add_argument('--jobs', type=int, default=2, help='pages executed at once (default 2)')
 
 def cmd_report(a) -> int:
-    from dmstudy.report import render_site
+    from dmstudy.site import render_site
     index = render_site(a.root, a.out, backend=a.backend, jobs=a.jobs)
     print(f"the study: {index}")
     return 0
 
 def _add_demo(sub):
-    p = sub.add_parser('demo', help='train the CPU demo sweep, collect it, render the study', description='The study on a laptop: the demo sweep (digits at 16x16, several dataset sizes) on the CPU, collected into results/demo.parquet, then the site rendered into _site/.')
-    p.add_argument('--root', default='.', help='the project folder holding _quarto.yml (default .)')
+    p = sub.add_parser('demo', help='train the CPU demo sweep, collect it, render the study', description='The study on a laptop: the demo sweep (digits at 16x16, several dataset sizes) on the CPU, collected into results/local/demo.parquet (the committed reference results stay as they are unless --update-reference), then the site rendered into _site/.')
+    p.add_argument('--root', default='.', help='the project folder holding pyproject.toml (default .)')
     p.add_argument('--out', default='_site', help='the site folder (default _site)')
     p.add_argument('--jobs', type=int, default=2, help='cells trained at once (default 2)')
     p.add_argument('--sweep', default='demo', help='the sweep to run (default demo)')
     p.add_argument('--retry', action='store_true', help='run failed cells again')
     p.add_argument('--no-render', action='store_true', help='train and collect only')
+    p.add_argument('--update-reference', action='store_true', help='write the committed reference results (results/) instead of results/local/')
 
 def cmd_demo(a) -> int:
-    from dmstudy.report import run_demo
-    out = run_demo(jobs=a.jobs, root=a.root, out=a.out, sweep=a.sweep, render=not a.no_render, retry=a.retry)
+    from dmstudy.site import run_demo
+    out = run_demo(jobs=a.jobs, root=a.root, out=a.out, sweep=a.sweep, render=not a.no_render, retry=a.retry, update_reference=a.update_reference)
     print(f"the study: {out}")
     return 0
 

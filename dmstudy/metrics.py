@@ -14,7 +14,7 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'INCEPTION_NAME', 'FEATURE_CACHE_S
            'image_digest', 'clear_feature_cache', 'feature_cache_stats', 'extract_features', 'frechet_distance',
            'kernel_distance', 'resolve_sscd_weights', 'file_digest', 'SSCDFeatures', 'max_cosine_similarity',
            'get_extractor', 'copy_score', 'mean_loss', 'loss_by_noise_level', 'sample_labels', 'generate', 'evaluate',
-           'sample_metrics']
+           'sample_metrics', 'wilson_interval']
 
 # %% ../nbs/04_metrics.ipynb #e641a333
 from .compat import ensure_torchvision
@@ -607,3 +607,15 @@ def sample_metrics(samples:torch.Tensor, # Generated images [n, C, H, W], uint8
             if 'fid' in ms: out[f'fid/{name}'] = frechet_distance(fg, fr_k)
             if 'kid' in ms: out[f'kid/{name}'] = kernel_distance(fg, fr_k, seed=cfg.seed)[0]
     return out
+
+# %% ../nbs/04_metrics.ipynb #da1c663d
+def wilson_interval(k, # Successes (a number or an array)
+                    n, # Trials
+                    z:float=1.959964, # Normal quantile (1.96: a 95% interval)
+                   ) -> tuple: # `(lo, hi)`, arrays when `k` is one
+    "Wilson score interval for a binomial proportion k/n."
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    p = k / n
+    c = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    h = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return np.clip(c - h, 0, 1), np.clip(c + h, 0, 1)

@@ -8,9 +8,9 @@ Docs: https://dmstudy.github.io/dmstudy/theory.html.md"""
 # %% auto #0
 __all__ = ['REFERENCES', 'SWEEP_NS', 'gaussian_data', 'kde_bandwidth', 'default_lam', 'forward_noise', 'fit_linear_denoiser',
            'generated_gaussian', 'sample_generated', 'limit_gaussian', 'log_gauss_overlap', 'log_gauss_kde_overlap',
-           'log_kde_overlap', 'gauss_kde_l2', 'kde_l2', 'hellinger_gauss', 'halder_distances', 'wilson_interval',
-           'transition_experiment', 'summarize_transition', 'transition_point', 'plot_transition', 'theory_table',
-           'save_theory_table', 'plot_n_star', 'relative_distance']
+           'log_kde_overlap', 'gauss_kde_l2', 'kde_l2', 'hellinger_gauss', 'halder_distances', 'transition_experiment',
+           'summarize_transition', 'transition_point', 'plot_transition', 'theory_table', 'save_theory_table',
+           'plot_n_star', 'relative_distance']
 
 # %% ../nbs/10_theory.ipynb #3e01f868
 import math, time
@@ -248,18 +248,10 @@ def halder_distances(mu:torch.Tensor, # Generated means, `(..., d)`
     return dict(e_TG=_lincomb([lpp, lpT, lTT], [1, -2, 1]), e_OG=_lincomb([lpp, lpO, lOO], [1, -2, 1]),
                 delta=_lincomb([lTT, lpT, lOO, lpO], [1, -2, -1, 2]))
 
-# %% ../nbs/10_theory.ipynb #9801784c
-def wilson_interval(k, # Successes
-                    n, # Trials
-                    z:float=1.959964, # Normal quantile (1.96: a 95% interval)
-                   ) -> tuple: # `(lo, hi)` arrays
-    "Wilson score interval for a binomial proportion k/n."
-    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
-    p = k / n
-    c = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-    h = z / (1 + z**2 / n) * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
-    return c - h, c + h
+# %% ../nbs/10_theory.ipynb #e0842f58
+from .metrics import wilson_interval
 
+# %% ../nbs/10_theory.ipynb #9801784c
 def _gen(seed:int, *keys) -> torch.Generator:
     "A torch generator whose stream depends on `seed` and `keys` only."
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1))
