@@ -100,14 +100,15 @@ def image_side(run_dir, grid_width:int|None=None, nrow:int=8, padding:int=2) -> 
     return (grid_width - padding) // nrow - padding
 
 def strip_array(run_dir, # A run directory
-                steps=None, # Steps to show (the nearest saved grid each); `None`: up to 6 log-spaced saved steps
+                steps=None, # Steps to show (the nearest saved grid each), or how many log-spaced saved steps; `None`: 6
                 n:int=8, # Samples (rows)
                 side:int|None=None, # Image side; `None`: from the run's config
                ) -> tuple: # (uint8 RGB image [rows, cols, 3], the steps shown)
     "The first `n` fixed-noise samples of a run at several steps, one row per sample and one column per step."
     have = np.array(sample_steps(run_dir))
     if not len(have): raise FileNotFoundError(f"{run_dir}/samples holds no step_XXXXXXX.png grid yet.")
-    if steps is None: steps = have[np.unique(np.round(np.linspace(0, len(have) - 1, min(6, len(have)))).astype(int))]
+    if steps is None or isinstance(steps, (int, np.integer)):
+        steps = have[np.unique(np.round(np.linspace(0, len(have) - 1, min(steps or 6, len(have)))).astype(int))]
     steps = [int(have[np.argmin(np.abs(np.log(have) - math.log(max(s, 1))))]) for s in np.atleast_1d(steps)]
     cols = []
     for s in steps:
@@ -120,7 +121,7 @@ def strip_array(run_dir, # A run directory
 
 
 def sample_strip(runs, # A run directory, or `{label: run directory}` for one panel per run
-                 steps=None, # Steps to show (the nearest saved grid each); `None`: up to 6 log-spaced saved steps
+                 steps=None, # Steps to show (the nearest saved grid each), or how many log-spaced saved steps; `None`: 6
                  n:int=8, # Samples (rows)
                  side:int|None=None, # Image side; `None`: from each run's config
                  scale:float=0.35, # Inches per image

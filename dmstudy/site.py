@@ -7,8 +7,8 @@ Docs: https://dmstudy.github.io/dmstudy/site.html.md"""
 
 # %% auto #0
 __all__ = ['SITE_TEMPLATE', 'nbs_path', 'site_config', 'site_pages', 'process_notebooks', 'cell_options', 'front_matter',
-           'output_path', 'read_page', 'execute_notebook', 'execute_pages', 'page_meta', 'prepare_page', 'site_links',
-           'render_fallback', 'quarto_binary', 'render_quarto', 'render_site', 'write_readme', 'run_demo']
+           'output_path', 'read_page', 'execute_notebook', 'execute_pages', 'page_meta', 'prepare_page', 'pandoc_id',
+           'site_links', 'render_fallback', 'quarto_binary', 'render_quarto', 'render_site', 'write_readme', 'run_demo']
 
 # %% ../nbs/12_site.ipynb #afa2ac7b
 import ast, copy, fnmatch, glob, os, re, shutil, tempfile, time
@@ -24,7 +24,7 @@ def nbs_path(root=None, # The project folder (found with `find_root`)
     "The project's notebooks folder: nbdev's `nbs_path`, also the folder the site is rendered from."
     from nbdev.config import get_config
     root = find_root(root)
-    if not (root/'pyproject.toml').exists(): raise FileNotFoundError(f"{root} has no pyproject.toml; run from the project folder or pass root=.")
+    if not (root/'pyproject.toml').exists(): raise FileNotFoundError(f"{root} has no pyproject.toml; run from the project folder or give its path (--root).")
     return Path(get_config(root).nbs_path)
 
 # %% ../nbs/12_site.ipynb #6e85af3a
@@ -75,6 +75,7 @@ def process_notebooks(root=None, # The project folder
     import nbdev.serve_drv
     from fastcore.parallel import parallel
     root = find_root(root); src = nbs_path(root); proc = root/'_proc'; todo = []
+    for d in [d for d in proc.rglob('*') if d.is_file() and not (src/d.relative_to(proc)).exists()]: d.unlink()  # sources removed since
     for s in sorted(src.rglob('*')):
         rel = s.relative_to(src)
         if not s.is_file() or any(p[0] in '._' for p in rel.parts[:-1]) or rel.name.startswith('.'): continue
@@ -240,11 +241,17 @@ def prepare_page(nb, # A processed (and perhaps executed) notebook
     return nb
 
 # %% ../nbs/12_site.ipynb #7d5d3b3b
+def pandoc_id(text:str, # A heading's text
+             ) -> str:
+    "The identifier Pandoc (and so Quarto) gives a heading: from the first letter, lower case, punctuation dropped, spaces to hyphens."
+    t = re.sub(r'[^\w\s.-]', '', text.replace('¶', '').strip().lower())
+    return re.sub(r'^[^a-z]+', '', re.sub(r'\s+', '-', t)) or 'section'
+
 def site_links(body:str, # A page's HTML
                page:str, # The page, relative to the site folder
                out_map:dict, # `{page: output path}` of every page
               ) -> str:
-    "Point relative links to notebooks at the pages they became (`../06_analysis.ipynb#x` → `../analysis.html#x`)."
+    "Point relative links to notebooks at the pages they became (`../06_analysis.ipynb#x` → `../analysis.html#x`), and give headings Pandoc's ids too."
     from bs4 import BeautifulSoup
     soup = BeautifulSoup(body, 'html.parser'); here = Path(out_map[page]).parent
     for a in soup.find_all('a', href=True):
@@ -252,6 +259,10 @@ def site_links(body:str, # A page's HTML
         if re.match(r'^[a-z][a-z0-9+.-]*:|^/', path, re.I) or not path.endswith('.ipynb'): continue
         target = os.path.normpath((Path(page).parent/path).as_posix()).replace(os.sep, '/')
         if target in out_map: a['href'] = Path(os.path.relpath(out_map[target], here.as_posix() or '.')).as_posix() + hash_ + frag
+    ids = {t['id'] for t in soup.find_all(id=True)}
+    for h in soup.find_all(re.compile(r'^h[1-6]$')):
+        pid = pandoc_id(h.get_text())
+        if pid not in ids: h.insert(0, soup.new_tag('span', attrs={'id': pid})); ids.add(pid)
     return str(soup)
 
 # %% ../nbs/12_site.ipynb #8deaf62c
@@ -336,8 +347,8 @@ def render_site(root=None, # The project folder (found with `find_root`)
     if backend not in ('auto', 'quarto', 'fallback'): raise ValueError(f"backend must be 'auto', 'quarto' or 'fallback', got {backend!r}.")
     log = None if quiet else print
     root = find_root(root); out = (root/out).resolve(); src = nbs_path(root)
-    if out == root or out in root.parents or out == src: raise ValueError(f"The site folder {out} would replace the project; choose another out=.")
-    if backend == 'quarto' and quarto_binary() is None: raise FileNotFoundError("No quarto executable on the PATH; install Quarto or use backend='fallback'.")
+    if out == root or out in root.parents or out == src: raise ValueError(f"The site folder {out} would replace the project; choose another site folder (--out).")
+    if backend == 'quarto' and quarto_binary() is None: raise FileNotFoundError("No quarto executable on the PATH; install Quarto (quarto.org) or render without it (--backend fallback).")
     use_quarto = backend == 'quarto' or (backend == 'auto' and quarto_binary() is not None)
     t0 = time.time()
     proc = process_notebooks(root, jobs)

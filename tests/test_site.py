@@ -111,7 +111,7 @@ def doc_pages():
     base = d['settings']['doc_host'] + d['settings']['doc_baseurl'] + '/'
     pages = {loc.partition('#')[0] for syms in d['syms'].values() for loc, _ in syms.values()}
     for f in (ROOT/'dmstudy').glob('*.py'):
-        pages |= {u[len(base):] for u in re.findall(r'Docs: (\S+?)\.?$', f.read_text(), re.M) if u.startswith(base)}
+        pages |= {u[len(base):] for u in re.findall(r'Docs: (\S+?\.html(?:\.md)?)', f.read_text()) if u.startswith(base)}
     return sorted(pages)
 
 
@@ -174,7 +174,12 @@ def test_every_page_links_resolve(site):
 
 def test_pages_explain_themselves(site):
     "No page points to a file outside the project, the demo page defines its axis, and no page shows internal column names."
-    text = {p.relative_to(site).as_posix(): p.read_text() for p in site.rglob('*.html')}
+    from bs4 import BeautifulSoup
+    def shown(p):  # what a reader sees, code cells left out
+        soup = BeautifulSoup(p.read_text(), 'html.parser')
+        for el in soup.select('.jp-InputArea, details.dm-fold'): el.decompose()
+        return soup.get_text(' ')
+    text = {p.relative_to(site).as_posix(): shown(p) for p in site.rglob('*.html')}
     assert not [p for p, t in text.items() if 'STUDY.md' in t]
     assert 'Definitions' in text['report/demo.html'] and 'normalized step' in text['report/definitions.html']
     for col in ('boot_crossing', 'n_star_logit', 'bracketed'): assert col not in text['report/theory.html'], col
