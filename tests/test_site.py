@@ -177,7 +177,7 @@ def test_pages_explain_themselves(site):
     from bs4 import BeautifulSoup
     def shown(p):  # what a reader sees, code cells left out
         soup = BeautifulSoup(p.read_text(), 'html.parser')
-        for el in soup.select('.jp-InputArea, details.dm-fold'): el.decompose()
+        for el in soup.select('.jp-CodeCell .jp-InputArea'): el.decompose()
         return soup.get_text(' ')
     text = {p.relative_to(site).as_posix(): shown(p) for p in site.rglob('*.html')}
     assert not [p for p, t in text.items() if 'STUDY.md' in t]
