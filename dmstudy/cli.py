@@ -60,6 +60,7 @@ def cmd_run(config:str=None, # A RunConfig .yaml or .json file (default: the Run
            ) -> int:
     "Train one run, or resume it when its run directory holds the same config."
     from dmstudy.config import RunConfig, run_dir_for, check_fields, resolve_device
+    from dmstudy.data import data_source
     from dmstudy.unet import preflight
     from dmstudy.diffusion import eval_cost
     base = {} if not config else _read_config(config).to_dict()
@@ -68,6 +69,7 @@ def cmd_run(config:str=None, # A RunConfig .yaml or .json file (default: the Run
     rd = Path(run_dir) if run_dir else run_dir_for(cfg, 'adhoc')
     _check_writable(rd)
     print(f"run directory: {rd}", flush=True)
+    print(f"data: {data_source(cfg)['data']}", flush=True)
     print(cost_line(cfg, eval_cost(cfg, shape, k, resolve_device(cfg.device))), flush=True)
     if dry_run: return 0
     from dmstudy.train import train, RunFailed

@@ -195,14 +195,14 @@ def coerce_field(name:str, # A RunConfig field
         if nullable: return None
         raise ValueError(f"{what} cannot be null; give a value like its default {RunConfig.__dataclass_fields__[name].default!r}.")
     if get_origin(t) is tuple:
-        each = get_args(t)
+        each, given = get_args(t), value
         n = None if len(each) == 2 and each[1] is Ellipsis else len(each)
         if isinstance(value, str):
             v = value.strip()
             value = parse_value(v) if v.startswith('[') else [s.strip() for s in v.split(',') if s.strip()]
         vals = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]  # one value: a one-item tuple
         if n is not None and len(vals) != n:
-            raise ValueError(f"{what} needs {n} values, like {list(RunConfig.__dataclass_fields__[name].default)}, got {value!r}.")
+            raise ValueError(f"{what} needs {n} values, like {list(RunConfig.__dataclass_fields__[name].default)}, got {given!r}.")
         return tuple(_scalar(each[0], x, f"Each value of {what}") for x in vals)
     return _scalar(t, value, what)
 
@@ -300,8 +300,8 @@ def load_torch_file(path, # A file written by `torch.save`: a checkpoint, a feat
     if not path.is_file(): raise FileNotFoundError(f"The {what} {path} does not exist; {hint}.")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch's own text would suggest weights_only=False: a file never runs code here
-        if 'Unsupported global' in str(e):
-            raise ValueError(f"The {what} {path} holds objects other than tensors and plain data, which are never loaded; {hint}.") from None
+        g = re.search(r'unsupported global:? (?:GLOBAL )?([\w.]+)', str(e), re.IGNORECASE)
+        if g: raise ValueError(f"The {what} {path} holds objects other than tensors and plain data ({g.group(1)}), which are never loaded; {hint}.") from None
         why = str(e).strip().split('. ')[0][:100] if str(e).strip() and 'weights_only' not in str(e) else type(e).__name__
         raise ValueError(f"The {what} {path} cannot be read ({why}): it is truncated, corrupt or not a PyTorch file; {hint}.") from None
 

@@ -13,7 +13,7 @@ __all__ = ['CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_TRAIN', 'CIFAR10_FILE_MD5', 'F
            'data_source', 'load_split', 'model_image_shape', 'check_data']
 
 # %% ../nbs/01_data.ipynb #9d54fed5
-import functools, gzip, hashlib, os, pickle, struct, warnings, zipfile
+import functools, gzip, hashlib, os, pickle, struct, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -148,8 +148,6 @@ def _cifar_folder(root:Path, download:bool) -> Path:
 def load_cifar10(root:Path, download:bool=False) -> tuple:
     "CIFAR-10 from the official pickle batches: (train_x, train_y, test_x, test_y, classes), uint8 NCHW."
     folder = _cifar_folder(root, download)
-    prov = cifar10_provenance(folder)
-    if not prov['official']: warnings.warn(f"{folder} does not hold the official CIFAR-10: the run records it as {prov['data']}.")
     tx, ty = _cifar_batches(folder, CIFAR10_TRAIN)
     vx, vy = _cifar_batches(folder, ['test_batch'])
     names = _unpickle(folder/'batches.meta').get('label_names')
