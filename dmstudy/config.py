@@ -10,10 +10,10 @@ __all__ = ['METRICS', 'GENERATORS', 'RunConfig', 'closest', 'parse_value', 'coer
            'generator_states', 'set_generator_states', 'resolve_device', 'runs_root', 'run_dir_for', 'config_help']
 
 # %% ../nbs/00_config.ipynb #3473a759
-import dataclasses, difflib, json, math, numbers, os, pickle, random, re, types, typing
-from dataclasses import dataclass, field, fields, asdict
+import difflib, json, math, numbers, os, random, re, types, typing
+from dataclasses import dataclass, fields, asdict
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import get_args, get_origin
 import numpy as np
 import torch, yaml
 
@@ -60,7 +60,7 @@ class RunConfig:
     eval_model:str='ema' # The model that is evaluated and sampled: `ema` or `raw`
     # --- evaluation schedule
     eval_first:int=100 # First evaluation step
-    eval_per_decade:int=4 # Log-spaced evaluation points per decade of steps (the final step is always evaluated)
+    eval_per_decade:int=8 # Log-spaced evaluation points per decade of steps (the final step is always evaluated)
     eval_steps:tuple[int, ...]=() # Explicit evaluation steps; overrides the log schedule when given
     snapshot_steps:tuple[int, ...]=() # Steps at which to keep a copy of the checkpoint (`ckpt/step_XXXXXXX.pt`)
     # --- metrics

@@ -14,7 +14,7 @@ __all__ = ['CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_TRAIN', 'CIFAR10_FILE_MD5', 'F
 
 # %% ../nbs/01_data.ipynb #9d54fed5
 import functools, gzip, hashlib, os, pickle, struct, zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
