@@ -131,7 +131,7 @@ def cmd_sweep(sweep:Annotated[str, 'A shipped sweep name or a sweep .yaml file (
               poll:float=5.0, # slurm: seconds between checks of the jobs
              ) -> int:
     "Run the cells of a sweep, one executed papermill notebook per cell in runs/<sweep>/<cell_id>/run.ipynb; done cells are skipped, interrupted ones resume, failed ones wait for --retry."
-    from dmstudy.config import parse_value
+    from dmstudy.config import parse_value, check_fields
     from dmstudy.sweep import launch
     if not sweep: return _list_sweeps()
     params = {}
@@ -142,9 +142,10 @@ def cmd_sweep(sweep:Annotated[str, 'A shipped sweep name or a sweep .yaml file (
     if tp is not None and not Path(tp).is_file():
         try: tp = float(tp)
         except ValueError: raise ValueError(f"--throughput {tp!r} is neither images/s nor a `dmstudy bench --out` JSON file.") from None
+    sets = {k: list(v) if isinstance(v, tuple) else v for k, v in check_fields(parse_sets(set), '--set').items()}  # plain literals for papermill
     res = dict(partition=partition, gpus=gpus, cpus=cpus, mem_gb=mem_gb, time_min=time_min, array_parallelism=array_parallelism)
     r = launch(sweep, executor=executor, jobs=Jobs, only=only, retry=retry, dry_run=dry_run, root=root,
-               params=params, sets=parse_sets(set), resources=res, template=template, wait=not no_wait, throughput=tp, poll=poll,
+               params=params, sets=sets, resources=res, template=template, wait=not no_wait, throughput=tp, poll=poll,
                log=lambda s: print(s, flush=True))
     if dry_run or not r or not isinstance(r[0], dict): return 0  # a plan, or jobs submitted without waiting
     done = sum(x['status'] == 'done' for x in r)
