@@ -10,3 +10,5 @@ Modules:
 - `dmstudy.theory`: A linear, one-step diffusion model on Gaussian data, Halder's relative distance in closed form, the transition from memorization to generalization as the training set grows, and the same distance for trained models."""
 
 __version__ = "0.0.1"
+
+from . import compat  # the torchvision guard, applied once for every module (see nbs/00a_compat.ipynb)

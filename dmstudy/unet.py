@@ -6,7 +6,7 @@ Docs: https://dmstudy.github.io/dmstudy/unet.html.md"""
 
 # %% auto #0
 __all__ = ['PAPER_SIZES', 'UNET_PRESETS', 'sinusoidal_features', 'group_norm', 'ResBlock', 'Attention', 'UNet', 'count_params',
-           'unet_flops', 'build_unet']
+           'unet_flops', 'build_unet', 'preflight']
 
 # %% ../nbs/02_unet.ipynb #51dbdd74
 import math
@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from .config import RunConfig
+from .config import RunConfig, resolve_device
+from .data import check_data
 
 # %% ../nbs/02_unet.ipynb #95b80235
 def sinusoidal_features(c_noise:torch.Tensor, # Noise levels [B], on the objective's scale (e.g. 1000*t or a timestep index)
@@ -104,7 +105,8 @@ class UNet(nn.Module):
         super().__init__()
         if resample not in ('resblock', 'conv'): raise ValueError(f"UNet resample={resample!r} must be 'resblock' or 'conv'.")
         nlev = len(channel_mult)
-        if image_size % 2**(nlev - 1): raise ValueError(f"Image size {image_size} is not divisible by {2**(nlev-1)}, as {nlev} U-Net levels need; pad or resize the images.")
+        f = 2**(nlev - 1)
+        if image_size % f: raise ValueError(f"Image size {image_size} is not divisible by {f}, as {nlev} U-Net levels need; set RunConfig.image_size to a multiple of {f}, e.g. {image_size + f - image_size % f}.")
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.out_channels, self.noise_features = out_channels or in_channels, noise_features
         self.noise_mlp = nn.Sequential(nn.Linear(noise_features, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -213,3 +215,16 @@ def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.class_cond` an
     if H != W: raise ValueError(f"The U-Net takes square images, got {H}x{W}; set RunConfig.image_size.")
     with torch.device(device or 'cpu'):
         return UNet(image_size=H, in_channels=C, num_classes=num_classes if class_cond else 0, **kw)
+
+# %% ../nbs/02_unet.ipynb #1a1367c7
+def preflight(cfg:RunConfig) -> tuple:
+    "Check config, device, data and model shape before anything is written: ((C, H, W) the model sees, number of classes)."
+    resolve_device(cfg.device)
+    shape, k = check_data(cfg)
+    model = build_unet(cfg, shape, k, device='meta')
+    with torch.no_grad(), torch.device('meta'):
+        y = torch.zeros(1, dtype=torch.long) if model.num_classes else None
+        out = model(torch.zeros(1, *shape), torch.zeros(1), y)
+    if tuple(out.shape[1:]) != tuple(shape): raise ValueError(f"U-Net {cfg.unet!r} maps {shape} images to {tuple(out.shape[1:])}; choose another image_size.")
+    return shape, k
+

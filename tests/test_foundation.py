@@ -1,5 +1,5 @@
 "Package-level checks that cross process boundaries: imports through the package, the install, the config CLI path."
-import subprocess, sys, importlib, pickle
+import os, subprocess, sys, importlib, pickle
 from pathlib import Path
 import numpy as np
 import pytest
@@ -60,3 +60,28 @@ def test_unknown_config_key_names_the_closest():
     from dmstudy.config import RunConfig
     with pytest.raises(KeyError, match="did you mean 'batch_size'"):
         RunConfig.from_dict({'batchsize': 8})
+
+
+FASHION_DEBIAN = Path('/usr/share/datasets/fashion-mnist')
+IN_CI = os.environ.get('DMSTUDY_CI') == '1'
+
+
+@pytest.mark.skipif(not IN_CI and not FASHION_DEBIAN.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed; CI (.ci/run) installs it and sets DMSTUDY_CI=1, which makes its absence a failure")
+def test_real_fashion_mnist_from_debian(tmp_path):
+    "The real Fashion-MNIST, as Debian ships it: its known shapes, first labels and class counts, and every pixel equal to torchvision's reader."
+    assert FASHION_DEBIAN.is_dir(), "DMSTUDY_CI=1 but Debian's dataset-fashion-mnist is not installed: apt-get install dataset-fashion-mnist"
+    import gzip, shutil
+    from dmstudy.data import load_fashion_mnist, check_data
+    from dmstudy.config import RunConfig
+    tx, ty, vx, vy, classes = load_fashion_mnist(tmp_path)  # nothing under tmp_path: found in Debian's folder
+    assert (tx.shape, vx.shape, tx.dtype, len(classes)) == ((60000, 1, 28, 28), (10000, 1, 28, 28), np.uint8, 10)
+    assert ty[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5] and vy[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    assert np.bincount(ty).tolist() == [6000] * 10 and np.bincount(vy).tolist() == [1000] * 10
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    for stem, got in (('train-images-idx3-ubyte', tx[:, 0]), ('train-labels-idx1-ubyte', ty), ('t10k-images-idx3-ubyte', vx[:, 0])):
+        raw = tmp_path/stem
+        with gzip.open(FASHION_DEBIAN/f'{stem}.gz') as f, open(raw, 'wb') as g: shutil.copyfileobj(f, g)
+        ref = (read_image_file if 'images' in stem else read_label_file)(str(raw)).numpy()
+        np.testing.assert_array_equal(got, ref)
+    assert check_data(RunConfig(dataset='fashion-mnist', data_root=str(tmp_path), image_size=32, n_train=60000)) == ((1, 32, 32), 10)

@@ -199,6 +199,11 @@ def test_sscd_resolution_order_and_features(tiny_sscd, monkeypatch):
     f, hub_file = tiny_sscd
     with pytest.raises(FileNotFoundError, match=f'SSCD weights not found: put {M.SSCD_FILE} .* into {hub_file.parent}'): M.resolve_sscd_weights()
     hub_file.parent.mkdir(parents=True); hub_file.write_bytes(f.read_bytes())
+    # in the default location only the pinned file is used: this one is refused, and names both digests
+    import hashlib
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    with pytest.raises(FileNotFoundError, match=f'is not the official file \\(SHA-256 {digest}, expected {M.SSCD_SHA256}\\)'): M.resolve_sscd_weights()
+    monkeypatch.setattr(M, 'SSCD_SHA256', digest)  # were it the pinned file, it would be found there
     assert M.resolve_sscd_weights() == hub_file
     monkeypatch.setenv('DMSTUDY_SSCD', str(f)); assert M.resolve_sscd_weights() == f
     with pytest.raises(FileNotFoundError, match='does not exist'): M.resolve_sscd_weights(f.with_name('missing.pt'))
@@ -214,7 +219,7 @@ def test_sscd_resolution_order_and_features(tiny_sscd, monkeypatch):
 
 
 def test_sscd_download_path(tiny_sscd, monkeypatch):
-    "The real download call, with the network replaced: a failure is one sentence saying where to put the file."
+    "The real download call, with the network replaced: a failure is one sentence; a file that is not the pinned one is discarded."
     f, hub_file = tiny_sscd
     def offline(url, dst, progress=True): raise OSError('Network is unreachable')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
@@ -224,7 +229,12 @@ def test_sscd_download_path(tiny_sscd, monkeypatch):
     seen = []
     def fake(url, dst, progress=True): seen.append(url); Path(dst).write_bytes(f.read_bytes())
     monkeypatch.setattr(torch.hub, 'download_url_to_file', fake)
-    assert M.resolve_sscd_weights(download=True) == hub_file and seen == [M.SSCD_URL]
+    with pytest.raises(FileNotFoundError, match=f'the download from {M.SSCD_URL} has SHA-256 [0-9a-f]{{64}}, not the pinned {M.SSCD_SHA256}, so it was discarded'):
+        M.resolve_sscd_weights(download=True)
+    assert not hub_file.exists() and not list(hub_file.parent.glob('.*part*')) and seen == [M.SSCD_URL]
+    import hashlib
+    monkeypatch.setattr(M, 'SSCD_SHA256', hashlib.sha256(f.read_bytes()).hexdigest())  # as if it were the official file
+    assert M.resolve_sscd_weights(download=True) == hub_file and seen == [M.SSCD_URL] * 2
     assert M.SSCDFeatures(download=False).name == M.SSCDFeatures(str(f)).name
 
 
