@@ -193,7 +193,7 @@ def chromium():
     exe = os.environ.get('CHROMIUM') or '/usr/bin/chromium'
     if Path(exe).exists(): return exe
     msg = f"Chromium is not installed at {exe} (Debian: apt-get install chromium; .ci/run installs it; $CHROMIUM names another)."
-    if os.environ.get('CI'): pytest.fail(msg)
+    if os.environ.get('DMSTUDY_CI') == '1': pytest.fail(msg)  # .ci/run sets it: there a missing browser is a failure
     pytest.skip(msg)
 
 
