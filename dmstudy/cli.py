@@ -40,18 +40,20 @@ def _add_run(sub):
     p.add_argument('--set', dest='sets', nargs='+', action='extend', default=[], metavar='KEY=VALUE', help='change RunConfig fields')
     p.add_argument('--run-dir', help='the run directory (default: runs/adhoc/<cell_id>)')
     p.add_argument('--quiet', action='store_true', help='log lines instead of a progress bar')
+    p.add_argument('--restart', action='store_true', help='move an existing run directory aside to <run>.old-<time> and start over')
 
 def cmd_run(a) -> int:
     from dmstudy.config import RunConfig, run_dir_for
     from dmstudy.sweep import check_fields
     from dmstudy.train import train, RunFailed
+    from dmstudy.rundir import DiskFull, RunDirBusy
     if a.config and not Path(a.config).is_file(): raise FileNotFoundError(f"No config file {a.config}.")
     base = {} if not a.config else (RunConfig.from_json(a.config) if a.config.endswith('.json') else RunConfig.from_yaml(a.config)).to_dict()
     cfg = RunConfig.from_dict({**base, **check_fields(parse_sets(a.sets), '--set')})
     run_dir = Path(a.run_dir) if a.run_dir else run_dir_for(cfg, 'adhoc')
     print(f"run directory: {run_dir}", flush=True)
-    try: r = train(cfg, run_dir, quiet=a.quiet)
-    except RunFailed as e: print(f"dmstudy run: {e}", file=sys.stderr); return 1
+    try: r = train(cfg, run_dir, quiet=a.quiet, restart=a.restart)
+    except (RunFailed, RunDirBusy, DiskFull) as e: print(f"dmstudy run: {e}", file=sys.stderr); return 1
     print(f"status: {r.status} at step {r.step}")
     for k, v in r.metrics.items():
         if isinstance(v, float): print(f"  {k:24} {v:.6g}")
@@ -117,7 +119,7 @@ def _list_sweeps() -> int:
     return 0
 
 def cmd_sweep(a) -> int:
-    from dmstudy.sweep import launch
+    from dmstudy.sweep import plan_sweep, plan_table, run_sweep, submit_sweep, wait_sweep
     if not a.sweep: return _list_sweeps()
     params = {}
     for k, v in a.params:
@@ -126,13 +128,17 @@ def cmd_sweep(a) -> int:
     tp = a.throughput
     if tp is not None and not Path(tp).is_file(): tp = float(tp)
     res = dict(partition=a.partition, gpus=a.gpus, cpus=a.cpus, mem_gb=a.mem_gb, time_min=a.time_min, array_parallelism=a.array_parallelism)
-    r = launch(a.sweep, executor=a.executor, jobs=a.jobs, only=a.only, retry=a.retry, dry_run=a.dry_run, root=a.root,
-               params=params, sets=parse_sets(a.sets), resources=res, template=a.template, wait=not a.no_wait, throughput=tp, poll=a.poll,
-               log=lambda s: print(s, flush=True))
-    if a.dry_run or not r or not isinstance(r[0], dict): return 0  # a plan, or jobs submitted without waiting
+    log = lambda s: print(s, flush=True)
+    plan = plan_sweep(a.sweep, only=a.only, retry=a.retry, root=a.root, params=params, sets=parse_sets(a.sets), resources=res, template=a.template)
+    if a.dry_run: plan_table(plan, tp, log); return 0
+    if a.executor == 'local': r = run_sweep(plan, a.jobs, log)
+    else:
+        js = submit_sweep(plan, a.jobs, log)
+        if a.no_wait: return 0
+        r = wait_sweep(plan, js, a.poll, log)
     done = sum(x['status'] == 'done' for x in r)
     failed = sum(x['status'].startswith('failed') for x in r)
-    stopped = sum(x['outcome'] == 'interrupted' for x in r)
+    stopped = sum(x['outcome'] in ('interrupted', 'not started') for x in r)
     busy = sum(x['outcome'] == 'busy' for x in r)
     print(f"{a.sweep}: {done} done, {failed} failed, {stopped} interrupted, {busy} running elsewhere")
     return 1 if failed or stopped else 0

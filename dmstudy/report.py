@@ -802,12 +802,12 @@ def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; thre
              quiet:bool=False, # Print nothing but errors
             ) -> Path: # The site's `index.html` (or the results table when `render=False`)
     "Train the CPU demo sweep, collect it into `results/`, copy its sample images, render the study; prints where it is."
-    from dmstudy.sweep import collect, launch, load_sweep, sweep_cells
+    from dmstudy.sweep import collect, plan_sweep, run_sweep, load_sweep, sweep_cells
     log = (lambda *a: None) if quiet else print
     root = Path(root).resolve(); t0 = time.time()
     runs = Path(os.environ['DMSTUDY_RUNS']).resolve() if os.environ.get('DMSTUDY_RUNS') else root/'runs'
     sw = load_sweep(sweep)
-    reports = launch(sweep, executor='local', jobs=jobs, root=runs, retry=retry, log=log)
+    reports = run_sweep(plan_sweep(sweep, root=runs, retry=retry), jobs=jobs, log=log)
     bad = [r for r in reports if r['outcome'] not in ('done', 'skipped')]
     if bad: raise RuntimeError(f"{len(bad)} cell(s) of the {sw.name} sweep did not finish: " +
                                '; '.join(f"{r['cell_id']}: {r['outcome']} {r['message']}" for r in bad))

@@ -6,11 +6,12 @@ Docs: https://dmstudy.github.io/dmstudy/rundir.html.md"""
 
 # %% auto #0
 __all__ = ['GRID_PAD', 'LOCK_ENV', 'RESUMABLE', 'eval_schedule', 'DiskFull', 'atomic_write', 'image_grid', 'grid_tiles',
-           'RunDirBusy', 'RunDir', 'stopped_status', 'state_kind']
+           'RunDirBusy', 'LockHold', 'RunDir', 'stopped_status', 'state_kind']
 
 # %% ../nbs/00b_rundir.ipynb #05b3e8cf
 import datetime, errno, json, os, re, shutil, socket, sys, time, uuid, warnings
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 import fcntl
 import numpy as np
@@ -90,6 +91,12 @@ LOCK_ENV = 'DMSTUDY_RUN_LOCK'  # the token of a run directory's lock, handed by 
 
 class RunDirBusy(RuntimeError):
     "Another process holds the run directory's lock."
+
+@dataclass
+class LockHold:
+    "A held run-directory lock: its token (handed to the processes we start) and the lock file's descriptor (`None` when shared)."
+    token:str # Identifies this holding in the lock file
+    fd:int|None=None # The open lock file (pass it to a child that must keep the lock if we die)
 
 # %% ../nbs/00b_rundir.ipynb #a88085e5
 class RunDir:
@@ -199,11 +206,16 @@ def append_metrics(self:RunDir, row:dict):
             raise
 
 @patch
+def write_metrics(self:RunDir, rows:list):
+    "Replace the metrics with `rows` (atomically), e.g. for a fixture or after a truncation."
+    atomic_write(self.metrics_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in rows)))
+
+@patch
 def truncate_metrics(self:RunDir, step:int) -> list:
     "Keep only the evaluations at or before `step`; returns the rows dropped."
     rows = self.read_metrics()
     keep, drop = [r for r in rows if r['step'] <= step], [r for r in rows if r['step'] > step]
-    if drop or self.metrics_path.exists(): atomic_write(self.metrics_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in keep)))
+    if drop: self.write_metrics(keep)
     return drop
 
 # %% ../nbs/00b_rundir.ipynb #75fd3c9d
@@ -264,7 +276,7 @@ def _write_holder(f, d:dict):
 @contextmanager
 def try_lock(self:RunDir, wait:float=0.0, # Seconds to keep trying while another process holds it
              ):
-    "Hold the lock; yields its token, or `None` when another process holds it. A holder that handed us its token counts as us."
+    "Hold the lock; yields a `LockHold`, or `None` when another process holds it. A holder that handed us its token counts as us."
     self.path.mkdir(parents=True, exist_ok=True)
     f = open(self.lock_path, 'a+')
     try:
@@ -275,13 +287,13 @@ def try_lock(self:RunDir, wait:float=0.0, # Seconds to keep trying while another
                 h = self.holder() or {}
                 if h.get('token') and h['token'] == os.environ.get(LOCK_ENV):  # our launcher's lock, handed down
                     with suppress(OSError), open(self.lock_path, 'r+') as g: _write_holder(g, {**h, 'runner': os.getpid()})
-                    yield h['token']; return
+                    yield LockHold(h['token']); return
                 if time.monotonic() - t0 >= wait: yield None; return
                 time.sleep(0.1)
         token = uuid.uuid4().hex
         try:
             _write_holder(f, {'pid': os.getpid(), 'host': socket.gethostname(), 'token': token, 'runner': os.getpid()})
-            yield token
+            yield LockHold(token, f.fileno())
         finally:
             with suppress(OSError): f.seek(0); f.truncate()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
@@ -292,9 +304,9 @@ def try_lock(self:RunDir, wait:float=0.0, # Seconds to keep trying while another
 def lock(self:RunDir, wait:float=0.0, # Seconds to keep trying while another process holds it
          ):
     "Hold the lock for the block, or raise `RunDirBusy` saying who holds it."
-    with self.try_lock(wait) as token:
-        if token is None: raise RunDirBusy(self.busy_message(self.holder()))
-        yield token
+    with self.try_lock(wait) as held:
+        if held is None: raise RunDirBusy(self.busy_message(self.holder()))
+        yield held
 
 # %% ../nbs/00b_rundir.ipynb #1fdec6d4
 @patch
