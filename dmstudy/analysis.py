@@ -24,7 +24,7 @@ from PIL import Image
 from .config import RunConfig, cell_id
 
 # %% ../nbs/06_analysis.ipynb #842f5a4b
-from .rundir import RunDir, atomic_write, eval_schedule, image_grid, grid_tiles
+from .rundir import RunDir, eval_schedule, image_grid, grid_tiles  # the grids are re-exported for plots and report
 
 # %% ../nbs/06_analysis.ipynb #fdc1bf21
 def _synthetic_images(n:int, c:int, side:int, rng) -> np.ndarray:

@@ -9,7 +9,7 @@ __all__ = ['GRID_PAD', 'LOCK_ENV', 'RESUMABLE', 'eval_schedule', 'DiskFull', 'at
            'RunDirBusy', 'LockHold', 'RunDir', 'stopped_status', 'state_kind']
 
 # %% ../nbs/00b_rundir.ipynb #05b3e8cf
-import datetime, errno, json, os, re, shutil, socket, sys, time, uuid, warnings
+import datetime, errno, json, os, re, socket, time, uuid, warnings
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .compat import ensure_torchvision
-from .config import RunConfig, runs_root
+from .config import RunConfig
 
 # %% ../nbs/00b_rundir.ipynb #ad1f43f9
 def eval_schedule(cfg:RunConfig) -> list:
@@ -65,6 +65,7 @@ def image_grid(images, # uint8 images [n, C, H, W] (NumPy array or tensor)
                padding:int=2, # Pixels between and around the images
               ) -> np.ndarray: # uint8 [H', W', 3]
     "An RGB grid of images, laid out by `torchvision.utils.make_grid`."
+    ensure_torchvision()  # torchvision's Python side imports even where its compiled ops do not load
     from torchvision.utils import make_grid
     t = torch.as_tensor(np.asarray(images.cpu() if torch.is_tensor(images) else images))
     if t.ndim != 4 or t.dtype != torch.uint8: raise ValueError(f"image_grid needs uint8 images [n, C, H, W], got {t.dtype} of shape {tuple(t.shape)}.")

@@ -264,7 +264,7 @@ def execute_cell(cell:Cell, # The cell to run
     def result(outcome, message=''):
         return {**out, 'outcome': outcome, 'status': rd.status, 'seconds': round(time.time() - t0, 1), 'message': message}
     if cell_config(**{k: v for k, v in params.items() if k not in ('quiet', 'show')})[0] != cell.cfg:
-        return result('failed', f"the sweep file changed since this cell was planned; launch the sweep again.")
+        return result('failed', "the sweep file changed since this cell was planned; launch the sweep again.")
     with rd.try_lock(wait=2.0) as lock:
         if lock is None: return result('busy', 'another process is running this cell')
         st = rd.status

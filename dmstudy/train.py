@@ -9,7 +9,7 @@ __all__ = ['IndexSampler', 'ema_decay_at', 'ema_update', 'make_optimizer', 'lr_a
            'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
 
 # %% ../nbs/05_train.ipynb #c6e2aac4
-import copy, math, os, signal, sys, time
+import copy, math, signal, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,8 +242,8 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         nonlocal ckpt_step
         rd.save_checkpoint(state(rng), step if step in cfg.snapshot_steps else None); ckpt_step = step
 
-    def evaluation() -> bool:
-        "Evaluate at `step`, write its row, grid and checkpoint; False when a stop signal abandoned it."
+    def evaluation():
+        "Evaluate at `step`, write its row, grid and checkpoint; False when a stop signal abandoned it, a failed `RunResult` when the model diverged."
         nonlocal loss_n, sched_pos, last
         row = {'step': step, 'images_seen': step * cfg.batch_size, 'wall_time': round(wall + time.perf_counter() - t0, 3),
                'train_loss_avg': (loss_sum / max(loss_n, 1)).item(), 'lr': lr_at(cfg, step), 'params': params}
@@ -256,6 +256,8 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         finally:
             model.train()
             if ebar is not None: ebar.close()
+        nonfinite = [k for k, v in m.items() if k.startswith('loss') and isinstance(v, float) and not math.isfinite(v)]
+        if nonfinite: return fail(f'non-finite {nonfinite[0]} at step {step}')
         loss_sum.zero_(); loss_n = 0
         row.update(m); row['eval_time'] = round(time.perf_counter() - te, 3)
         rd.append_metrics(row); last = row
@@ -272,7 +274,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
                 if sched_pos < len(sched) and step == sched[sched_pos] and stop.signum is None:  # an evaluation is due
                     if bad.item(): return fail(f'non-finite loss by step {step}')
                     if not _finite(model, ema): return fail(f'non-finite weights at step {step}')
-                    evaluation()
+                    if isinstance(r := evaluation(), RunResult): return r
                 if stop.signum is not None:
                     if bad.item() or not _finite(model, ema): return fail(f'non-finite loss or weights by step {step}')
                     checkpoint()

@@ -84,7 +84,7 @@ def test_sigterm_during_a_slow_evaluation_is_honoured_at_once(tmp_path):
     """A run whose evaluation is slow (many sampling steps) stops within a small fraction of that evaluation's length:
     the evaluation is abandoned (no row), the training state is checkpointed, the status says stopped; the resumed run
     evaluates that step again and ends identical to a run that was never stopped."""
-    slow = CFG.with_updates(steps=40, eval_steps=(20, 40), sample_steps=1500, n_samples=64, metrics=('loss', 'mem_frac'))
+    slow = CFG.with_updates(steps=40, eval_steps=(20, 40), sample_steps=800, n_samples=64, metrics=('loss', 'mem_frac'))
     ref, cut = RunDir(tmp_path/'ref'), RunDir(tmp_path/'cut')
     p = run_cmd(slow, ref.path); out = finish(p)
     assert p.returncode == 0, out
@@ -126,8 +126,9 @@ def test_divergence_before_the_first_evaluation_says_no_checkpoint_exists(tmp_pa
 
 
 def test_a_checkpoint_is_never_written_from_a_nonfinite_model(tmp_path):
-    "With an evaluation at step 1 and a learning rate that overflows the weights in that step, nothing non-finite is kept."
-    bad = CFG.with_updates(lr=1e39, optimizer='sgd', momentum=0.0, eval_steps=(1,), steps=100)
+    """With an evaluation at step 1 and a learning rate that blows the model up in that step (its evaluation loss is
+    infinite), nothing of it is kept, and the message says that no checkpoint exists."""
+    bad = CFG.with_updates(lr=1e38, optimizer='sgd', momentum=0.0, eval_steps=(1,), steps=100)
     rd = RunDir(tmp_path/'run')
     p = run_cmd(bad, rd.path); out = finish(p, 300)
     assert p.returncode != 0 and rd.status.startswith('failed: non-finite'), out
@@ -164,14 +165,20 @@ def test_done_run_without_its_checkpoint_is_refused_not_wiped(tmp_path):
 
 
 def test_metrics_beyond_the_checkpoint_are_refused(tmp_path):
-    "A checkpoint older than the metrics (e.g. restored from a backup) is refused too, naming the step it covers."
+    """A checkpoint older than the metrics (e.g. restored from a backup) is refused too, naming the step it covers; only
+    the one row a kill between an evaluation's row and its checkpoint can leave is dropped (and evaluated again)."""
+    cfg = SHORT.with_updates(eval_steps=(10, 20, 40), snapshot_steps=(10, 20))
     rd = RunDir(tmp_path/'run')
-    p = run_cmd(SHORT.with_updates(snapshot_steps=(20,)), rd.path); finish(p, 300); assert p.returncode == 0
-    os.replace(rd.snapshot_path(20), rd.ckpt_path)
-    rd.write_status('running')
-    p = run_cmd(SHORT.with_updates(snapshot_steps=(20,)), rd.path); out = finish(p, 300)
-    assert p.returncode != 0 and 'covers only step 20' in out and '--restart' in out, out
-    assert [r['step'] for r in rd.read_metrics()] == [20, 40]
+    p = run_cmd(cfg, rd.path); finish(p, 300); assert p.returncode == 0
+    rows = rd.read_metrics()
+    os.replace(rd.snapshot_path(10), rd.ckpt_path); rd.write_status('running')
+    p = run_cmd(cfg, rd.path); out = finish(p, 300)
+    assert p.returncode != 0 and 'covers only step 10' in out and '--restart' in out, out
+    assert rd.read_metrics() == rows
+    rd.write_metrics(rows[:2])  # as if killed after writing the row of step 20, before its checkpoint
+    p = run_cmd(cfg, rd.path); out = finish(p, 300)
+    assert p.returncode == 0 and rd.status == 'done', out
+    assert strip_times(rd.read_metrics()) == strip_times(rows)
 
 
 def test_second_run_in_the_same_directory_is_refused(tmp_path):
