@@ -156,7 +156,7 @@ def load_runs(paths, # Run directories, or folders holding them (searched recurs
     for rd in find_runs(paths):
         run, rows = _run_rows(rd, params)
         frames.append(pd.DataFrame(rows, columns=['step', 'images_seen', 'metric', 'split', 'value']).assign(**run))
-    if not frames: raise FileNotFoundError(f"No run directories (folders with a config.json) under {paths}.")
+    if not frames: raise FileNotFoundError(f"No run directories (folders holding a run's config) under {paths}.")
     df = pd.concat(frames, ignore_index=True)[TIDY_COLUMNS]
     return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
 

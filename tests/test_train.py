@@ -198,6 +198,7 @@ def test_full_disk_says_so_leaves_no_temporary_file_and_keeps_the_last_checkpoin
     "The second checkpoint write fails with ENOSPC half-way: one sentence, no `.tmp` file, the first checkpoint loads, and the run resumes."
     from dmstudy.train import train
     rd = RunDir(tmp_path/'run')
+    threads = torch.get_num_threads(); torch.set_num_threads(1)  # like the runs above: one thread is fastest on a shared machine
     real_save, calls = torch.save, []
     def full_disk(obj, f, *a, **kw):
         calls.append(1)
@@ -211,5 +212,6 @@ def test_full_disk_says_so_leaves_no_temporary_file_and_keeps_the_last_checkpoin
     assert msg.startswith('The disk is full') and str(rd.ckpt_path) in msg, msg
     assert not [p for p in rd.path.rglob('*') if '.tmp' in p.name], list(rd.path.rglob('*'))
     assert rd.load_checkpoint()['step'] == 20
-    r = train(SHORT, rd.path, quiet=True)
+    try: r = train(SHORT, rd.path, quiet=True)
+    finally: torch.set_num_threads(threads)
     assert r.status == 'done' and [m['step'] for m in rd.read_metrics()] == [20, 40]
