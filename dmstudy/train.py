@@ -232,7 +232,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         rd.write_status(f'failed: {reason}')
         if bar is not None: bar.close()
         where = (f"its last checkpoint, from a finite model, is at step {ckpt_step} ({rd.ckpt_path})" if ckpt_step is not None else
-                 "no checkpoint was written (it diverged before its first evaluation)")
+                 "no checkpoint was written (the run diverged before it could write one)")
         msg = f"Run {rd.path} failed: {reason}; {where}. Lower the learning rate or set grad_clip, then start over with --restart."
         if raise_on_failure: raise RunFailed(msg)
         print(msg, file=sys.stderr)
