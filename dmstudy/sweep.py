@@ -308,7 +308,7 @@ def _fmt_s(s:float) -> str: return f'{s:.0f} s' if s < 90 else f'{s / 60:.0f} mi
 class _Progress:
     "The launcher's lines as cells start and end: counts of done, running and left, speed and the time left."
     def __init__(self, n:int, jobs:int, log=print): self.n, self.jobs, self.log, self.lock = n, jobs, log, threading.Lock(); self.done, self.running, self.secs, self.t0 = 0, 0, [], {}
-    def head(self) -> str: return f"[{self.done} done, {self.running} running, {self.n - self.done - self.running} left]"
+    def head(self) -> str: return f"[{self.done} ended, {self.running} running, {self.n - self.done - self.running} left]"
     def start(self, cell):
         with self.lock:
             self.running += 1; rd = RunDir(cell.run_dir); self.t0[cell.cell_id] = (time.time(), rd.last_metrics().get('step', 0))
@@ -317,11 +317,13 @@ class _Progress:
         with self.lock:
             self.done += 1; self.running -= started
             t, s0 = self.t0.get(r['cell_id'], (time.time(), 0))
-            steps = RunDir(r['run_dir']).last_metrics().get('step', 0) - s0
+            rd = RunDir(r['run_dir']); m = re.search(r' at step (\d+) ', rd.status)  # a stopped run says where it stopped
+            steps = max(rd.last_metrics().get('step', 0), int(m.group(1)) if m else 0) - s0
             speed = f", {steps / r['seconds']:.3g} steps/s" if started and r['seconds'] > 0 and steps > 0 else ''
             if started and r['outcome'] in ('done', 'interrupted', 'failed'): self.secs.append(r['seconds'])
             left = self.n - self.done
-            eta = f"; about {_fmt_s(sum(self.secs) / len(self.secs) * math.ceil(left / self.jobs))} left" if self.secs and left else ''
+            go_on = r['outcome'] in ('done', 'failed', 'skipped', 'busy')  # no estimate once the sweep is being stopped
+            eta = f"; about {_fmt_s(sum(self.secs) / len(self.secs) * math.ceil(left / self.jobs))} left" if self.secs and left and go_on else ''
             msg = f" — {r['message']}" if r['message'] else ''
             self.log(f"{self.head()} {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s{speed}){msg}{eta}")
 

@@ -89,8 +89,8 @@ def test_smoke_sweep_runs_two_cells_through_papermill(smoke):
     for n in (16, 32):
         d = root/'smoke'/f'n{n}_micro_b8_lr1e-3_s0'
         # progress: a line as each cell starts, saying where its log and notebook are, and one as it ends, with its speed
-        assert re.search(rf'\[\d done, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: started; log {re.escape(str(RunDir(d).log_path))}, notebook', r.stdout), r.stdout
-        assert re.search(rf'\[\d done, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: done \(\d+ s, [\d.e+]+ steps/s\)', r.stdout), r.stdout
+        assert re.search(rf'\[\d ended, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: started; log {re.escape(str(RunDir(d).log_path))}, notebook', r.stdout), r.stdout
+        assert re.search(rf'\[\d ended, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: done \(\d+ s, [\d.e+]+ steps/s\)', r.stdout), r.stdout
         assert RunDir(d).status == 'done'
         src = injected(d/'run.ipynb')
         assert f'n_train = {n}' in src and 'seed = 0' in src and 'sweep = "smoke"' in src and f'run_dir = "{d.resolve()}"' in src, src
