@@ -7,11 +7,10 @@ Docs: https://dmstudy.github.io/dmstudy/analysis.html.md"""
 
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'FIDELITY_METRICS', 'N_MIN', 'B_MIN', 'LR_MIN', 'AXES',
-           'eval_schedule', 'image_grid', 'grid_tiles', 'synthetic_run', 'split_key', 'read_metrics', 'find_runs',
-           'unet_params', 'load_runs', 'as_run', 'series', 'has_metric', 'Onset', 'running_median', 'robust_sigma',
-           'hinge_fit', 'gap_fit', 'tau_mem', 'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'best_fidelity',
-           'double_descent', 'normalized_step', 'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize',
-           'save_results', 'read_results']
+           'synthetic_run', 'split_key', 'find_runs', 'unet_params', 'load_runs', 'as_run', 'series', 'has_metric',
+           'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem', 'mem_metric', 'mem_onset',
+           'Rate', 'memorization_rate', 'best_fidelity', 'double_descent', 'normalized_step', 'ScalingFit',
+           'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, json, math, os, warnings
@@ -25,45 +24,7 @@ from PIL import Image
 from .config import RunConfig, cell_id
 
 # %% ../nbs/06_analysis.ipynb #842f5a4b
-def eval_schedule(cfg:RunConfig) -> np.ndarray:
-    "Log-spaced evaluation steps of a config (`eval_first`·10^(k/`eval_per_decade`), and the final step), or `eval_steps`."
-    if cfg.eval_steps: return np.unique(np.asarray(cfg.eval_steps, dtype=np.int64))
-    k = np.arange(int(cfg.eval_per_decade * max(math.log10(cfg.steps / cfg.eval_first), 0)) + 2)
-    s = np.unique(np.round(cfg.eval_first * 10 ** (k / cfg.eval_per_decade)).astype(np.int64))
-    return np.append(s[s < cfg.steps], cfg.steps)
-
-# %% ../nbs/06_analysis.ipynb #af5befaf
-def image_grid(images:np.ndarray, # uint8 [n, C, H, W]
-               nrow:int=8, # Images per row
-               padding:int=2, # Pixels between and around the images (value 0)
-              ) -> np.ndarray: # uint8 [H', W', 3]
-    "An RGB grid of images in the layout of `torchvision.utils.make_grid`."
-    images = np.asarray(images)
-    if images.ndim != 4: raise ValueError(f"image_grid needs uint8 images [n, C, H, W], got shape {images.shape}.")
-    if images.shape[1] == 1: images = np.repeat(images, 3, axis=1)
-    n, c, h, w = images.shape
-    xm = min(nrow, n); ym = math.ceil(n / xm)
-    grid = np.zeros((ym * (h + padding) + padding, xm * (w + padding) + padding, c), np.uint8)
-    for k in range(n):
-        y, x = divmod(k, xm)
-        grid[y*(h+padding)+padding:(y+1)*(h+padding), x*(w+padding)+padding:(x+1)*(w+padding)] = images[k].transpose(1, 2, 0)
-    return grid
-
-def grid_tiles(grid:np.ndarray, # [H', W', 3] or [H', W'] grid image
-               side:int, # Side of one image
-               n:int|None=None, # Number of images in the grid; `None`: every tile
-               padding:int=2, # Padding used when writing the grid
-              ) -> np.ndarray: # uint8 [n, H, W, 3]
-    "Cut a sample grid back into its images (the inverse of `image_grid`)."
-    g = np.asarray(grid)
-    if g.ndim == 2: g = np.repeat(g[..., None], 3, axis=2)
-    g = g[..., :3]
-    ym, ry = divmod(g.shape[0] - padding, side + padding); xm, rx = divmod(g.shape[1] - padding, side + padding)
-    if ry or rx or ym < 1 or xm < 1:
-        raise ValueError(f"A {g.shape[1]}x{g.shape[0]} grid is not made of {side}px images with {padding}px padding; check the image size.")
-    tiles = [g[y*(side+padding)+padding:(y+1)*(side+padding), x*(side+padding)+padding:(x+1)*(side+padding)]
-             for y in range(ym) for x in range(xm)]
-    return np.stack(tiles[:n] if n is not None else tiles)
+from .rundir import RunDir, eval_schedule, image_grid, grid_tiles  # the grids are re-exported for plots and report
 
 # %% ../nbs/06_analysis.ipynb #fdc1bf21
 def _synthetic_images(n:int, c:int, side:int, rng) -> np.ndarray:
@@ -91,9 +52,9 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
                  ) -> Path:
     "Test and teaching fixture: write a realistic run directory whose memorization onset is known."
     cfg = (cfg or RunConfig(steps=100_000, sample_grid=16, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel', 'fid'))).with_updates(seed=seed)
-    path = Path(path); (path/'samples').mkdir(parents=True, exist_ok=True)
+    path = Path(path); rd = RunDir(path)
     rng = np.random.default_rng([seed, 20260507])
-    s = eval_schedule(cfg); x = np.log10(s); m = len(s)
+    s = np.asarray(eval_schedule(cfg)); x = np.log10(s); m = len(s)
     t4 = lambda: rng.standard_t(4, m) / math.sqrt(2)  # unit-variance heavy-tailed noise
     gap = np.zeros(m) if onset is None else growth * np.clip(x - math.log10(onset), 0, None)
     base = 0.35 + 0.65 * (1 + s / 200) ** -0.5
@@ -114,9 +75,9 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
         if name in cfg.metrics:
             for sp, off in (('train', 0.98), ('test', 1.0)): cols[f'{name}/{sp}'] = scale * off * fid * np.exp(0.02 * rng.standard_normal(m))
     keep = lambda key: key.split('/')[0].removesuffix('_lo').removesuffix('_hi') in cfg.metrics
-    lines = [json.dumps({'step': int(st), 'images_seen': int(st) * cfg.batch_size, 'wall_time': round(0.01 * st, 3),
-                         **{key: float(v[i]) for key, v in cols.items() if keep(key)}}) for i, st in enumerate(s)]
-    (path/'config.json').write_text(cfg.to_json() + '\n'); (path/'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+    rows = [{'step': int(st), 'images_seen': int(st) * cfg.batch_size, 'wall_time': round(0.01 * st, 3),
+             **{key: float(v[i]) for key, v in cols.items() if keep(key)}} for i, st in enumerate(s)]
+    rd.write_config(cfg); rd.write_metrics(rows)
     if samples:
         c, side = cfg.channels or 1, cfg.image_size or 16; n = cfg.sample_grid
         train = _synthetic_images(n, c, side, rng); gen = _synthetic_images(n, c, side, rng)
@@ -125,8 +86,8 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
             q = 1 - (1 + st / 300) ** -1.0  # sample quality rises with training
             img = (1 - q) * noise0 + q * gen
             img = np.where((u < mem[i])[:, None, None, None], train, img)  # memorized samples are copies
-            Image.fromarray(image_grid((img * 255 + 0.5).astype(np.uint8))).save(path/'samples'/f'step_{int(st):07d}.png')
-    (path/'status').write_text('done\n')
+            rd.write_samples((img * 255 + 0.5).astype(np.uint8), int(st))
+    rd.write_status('done')
     return path
 
 # %% ../nbs/06_analysis.ipynb #40757c7d
@@ -139,27 +100,9 @@ def split_key(key:str) -> tuple:
     head, _, tail = key.rpartition('/')
     return (head, tail) if head and tail in SPLITS else (key, '')
 
-def read_metrics(path) -> list:
-    "The records of a `metrics.jsonl` file (a half-written last line is skipped)."
-    path = Path(path)
-    if not path.exists(): return []
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    out = []
-    for i, l in enumerate(lines):
-        try: out.append(json.loads(l))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1: break  # still being written
-            raise ValueError(f"{path}, line {i+1} is not valid JSON; fix or remove that line.")
-    return out
-
 def find_runs(paths) -> list:
-    "Run directories (folders holding a `config.json`) at or under `paths`."
-    if isinstance(paths, (str, os.PathLike)): paths = [paths]
-    out = []
-    for p in map(Path, paths):
-        if not p.exists(): raise FileNotFoundError(f"{p} does not exist; pass run directories or folders that contain them.")
-        out += [p] if (p/'config.json').exists() else sorted(q.parent for q in p.rglob('config.json'))
-    return list(dict.fromkeys(out))
+    "Run directories (folders holding a run's config) at or under `paths`."
+    return [r.path for r in RunDir.find(paths)]
 
 # %% ../nbs/06_analysis.ipynb #bda45732
 _NATIVE = {'cifar10': (3, 32, 10), 'fashion-mnist': (1, 28, 10), 'digits': (1, 8, 10), 'gaussian': (1, 8, 1)}  # C, side, classes
@@ -188,10 +131,10 @@ def unet_params(cfg:RunConfig) -> float:
 # %% ../nbs/06_analysis.ipynb #31861c3c
 def _run_rows(rd:Path, params:bool) -> tuple:
     "Run columns and metric rows of one run directory."
-    raw = json.loads((rd/'config.json').read_text())
+    raw = RunDir(rd).read_config_dict()
     p = raw.pop('params', None)
     cfg = RunConfig.from_dict(raw)
-    recs = read_metrics(rd/'metrics.jsonl')
+    recs = RunDir(rd).read_metrics()
     for r in recs:
         if p is None and isinstance(r.get('params'), (int, float)): p = r['params']
     if p is None: p = unet_params(cfg) if params else math.nan
@@ -213,7 +156,7 @@ def load_runs(paths, # Run directories, or folders holding them (searched recurs
     for rd in find_runs(paths):
         run, rows = _run_rows(rd, params)
         frames.append(pd.DataFrame(rows, columns=['step', 'images_seen', 'metric', 'split', 'value']).assign(**run))
-    if not frames: raise FileNotFoundError(f"No run directories (folders with a config.json) under {paths}.")
+    if not frames: raise FileNotFoundError(f"No run directories (folders holding a run's config) under {paths}.")
     df = pd.concat(frames, ignore_index=True)[TIDY_COLUMNS]
     return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
 

@@ -57,6 +57,7 @@ def cmd_run(config:str=None, # A RunConfig .yaml or .json file (default: the Run
             run_dir:str=None, # The run directory (default: runs/adhoc/<cell_id>)
             quiet:bool=False, # Log lines instead of a progress bar
             dry_run:bool=False, # Check everything, print the run directory and the cost of one evaluation, and exit without creating anything
+            restart:bool=False, # Move an existing run directory aside to <run>.old-<time> and start over
            ) -> int:
     "Train one run, or resume it when its run directory holds the same config."
     from dmstudy.config import RunConfig, run_dir_for, check_fields, resolve_device
@@ -73,8 +74,9 @@ def cmd_run(config:str=None, # A RunConfig .yaml or .json file (default: the Run
     print(cost_line(cfg, eval_cost(cfg, shape, k, resolve_device(cfg.device))), flush=True)
     if dry_run: return 0
     from dmstudy.train import train, RunFailed
-    try: r = train(cfg, rd, quiet=quiet)
-    except RunFailed as e: print(f"dmstudy run: {e}", file=sys.stderr); return 1
+    from dmstudy.rundir import DiskFull, RunDirBusy
+    try: r = train(cfg, rd, quiet=quiet, restart=restart)
+    except (RunFailed, RunDirBusy, DiskFull) as e: print(f"dmstudy run: {e}", file=sys.stderr); return 1
     print(f"status: {r.status} at step {r.step}")
     for k, v in r.metrics.items():
         if isinstance(v, float): print(f"  {k:24} {v:.6g}")
@@ -132,7 +134,7 @@ def cmd_sweep(sweep:Annotated[str, 'A shipped sweep name or a sweep .yaml file (
              ) -> int:
     "Run the cells of a sweep, one executed papermill notebook per cell in runs/<sweep>/<cell_id>/run.ipynb; done cells are skipped, interrupted ones resume, failed ones wait for --retry."
     from dmstudy.config import parse_value, check_fields
-    from dmstudy.sweep import launch
+    from dmstudy.sweep import plan_sweep, plan_table, run_sweep, submit_sweep, wait_sweep
     if not sweep: return _list_sweeps()
     params = {}
     for k, v in Parameter or []:
@@ -144,13 +146,17 @@ def cmd_sweep(sweep:Annotated[str, 'A shipped sweep name or a sweep .yaml file (
         except ValueError: raise ValueError(f"--throughput {tp!r} is neither images/s nor a `dmstudy bench --out` JSON file.") from None
     sets = {k: list(v) if isinstance(v, tuple) else v for k, v in check_fields(parse_sets(set), '--set').items()}  # plain literals for papermill
     res = dict(partition=partition, gpus=gpus, cpus=cpus, mem_gb=mem_gb, time_min=time_min, array_parallelism=array_parallelism)
-    r = launch(sweep, executor=executor, jobs=Jobs, only=only, retry=retry, dry_run=dry_run, root=root,
-               params=params, sets=sets, resources=res, template=template, wait=not no_wait, throughput=tp, poll=poll,
-               log=lambda s: print(s, flush=True))
-    if dry_run or not r or not isinstance(r[0], dict): return 0  # a plan, or jobs submitted without waiting
+    log = lambda s: print(s, flush=True)
+    plan = plan_sweep(sweep, only=only, retry=retry, root=root, params=params, sets=sets, resources=res, template=template)
+    if dry_run: plan_table(plan, tp, log); return 0
+    if executor == 'local': r = run_sweep(plan, Jobs, log)
+    else:
+        js = submit_sweep(plan, Jobs, log)
+        if no_wait: return 0
+        r = wait_sweep(plan, js, poll, log)
     done = sum(x['status'] == 'done' for x in r)
     failed = sum(x['status'].startswith('failed') for x in r)
-    stopped = sum(x['outcome'] == 'interrupted' for x in r)
+    stopped = sum(x['outcome'] in ('interrupted', 'not started') for x in r)
     busy = sum(x['outcome'] == 'busy' for x in r)
     print(f"{sweep}: {done} done, {failed} failed, {stopped} interrupted, {busy} running elsewhere")
     return 1 if failed or stopped else 0

@@ -393,13 +393,14 @@ def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; thre
     "Train the CPU demo sweep, collect it into `results/local/` (or the reference), copy its sample images, render the study."
     import pandas as pd
     from dmstudy.analysis import read_results, save_results
-    from dmstudy.sweep import collect, launch, load_sweep, sweep_cells
+    from dmstudy.rundir import RunDir
+    from dmstudy.sweep import collect, plan_sweep, run_sweep, load_sweep, sweep_cells
     log = (lambda *a: None) if quiet else print
     root = find_root(root); t0 = time.time()
     runs = Path(os.environ['DMSTUDY_RUNS']).resolve() if os.environ.get('DMSTUDY_RUNS') else root/'runs'
     dest = results_dir(root, local=not update_reference)
     sw = load_sweep(sweep)
-    reports = launch(sweep, executor='local', jobs=jobs, root=runs, retry=retry, log=log)
+    reports = run_sweep(plan_sweep(sweep, root=runs, retry=retry), jobs=jobs, log=log)
     bad = [r for r in reports if r['outcome'] not in ('done', 'skipped')]
     if bad: raise RuntimeError(f"{len(bad)} cell(s) of the {sw.name} sweep did not finish: " +
                                '; '.join(f"{r['cell_id']}: {r['outcome']} {r['message']}" for r in bad))
@@ -409,7 +410,7 @@ def run_demo(jobs:int=2, # Cells trained at once (each a papermill process; thre
     df = read_results(pq); df['run_dir'] = df['run_dir'].map(rel); save_results(df, pq)
     s = pd.read_csv(summ)
     if 'run_dir' in s: s['run_dir'] = s['run_dir'].map(rel); s.to_csv(summ, index=False)
-    copy_samples([c.run_dir for c in sweep_cells(sw, runs) if (Path(c.run_dir)/'samples').is_dir()], dest/sw.name)
+    copy_samples([c.run_dir for c in sweep_cells(sw, runs) if RunDir(c.run_dir).sample_steps()], dest/sw.name)
     log(f"trained in {t1 - t0:.0f} s; collected {Path(pq).relative_to(root)} and sample images in {(dest/sw.name).relative_to(root)}/")
     if not render: return Path(pq)
     idx = render_site(root, out, quiet=quiet)

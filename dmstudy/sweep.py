@@ -8,20 +8,20 @@ Docs: https://dmstudy.github.io/dmstudy/sweep.html.md"""
 __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIELDS', 'TEMPLATE_OPTIONS', 'FINISHED', 'HEADLINE',
            'check_fields', 'Sweep', 'sweeps_dir', 'list_sweeps', 'sweep_from_dict', 'load_sweep', 'Cell', 'sweep_cells',
            'select_cells', 'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
-           'read_status', 'write_status', 'last_metrics', 'cell_lock', 'is_locked', 'notebook_error', 'execute_cell',
-           'run_local', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job', 'submit_slurm', 'wait_slurm',
-           'cell_cost', 'dry_run_table', 'launch', 'sweep_runs', 'sweep_status', 'collect']
+           'notebook_error', 'execute_cell', 'run_cells', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job',
+           'submit_slurm', 'wait_slurm', 'cell_cost', 'dry_run_table', 'SweepPlan', 'plan_sweep', 'plan_table',
+           'run_sweep', 'submit_sweep', 'wait_sweep', 'sweep_runs', 'sweep_status', 'collect']
 
 # %% ../nbs/08_sweep.ipynb #26b1013f
-from .compat import ensure_torchvision
-import difflib, fcntl, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
+import difflib, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 import pandas as pd, yaml
-from .config import RunConfig, cell_id, run_dir_for, runs_root, atomic_write_text
+from .config import RunConfig, cell_id, run_dir_for, runs_root
+from .rundir import RunDir, LOCK_ENV, atomic_write, eval_schedule, state_kind
 
 # %% ../nbs/08_sweep.ipynb #6d216f11
 SWEEP_KEYS = ('description', 'base', 'grid', 'seeds', 'normalize', 'resources')
@@ -229,53 +229,6 @@ def cell_config(sweep=None, # A sweep name or file whose `base` the cell starts 
     cfg = RunConfig.from_dict(d)
     return cfg, Path(run_dir) if run_dir else run_dir_for(cfg, sw.name if sw else 'adhoc')
 
-# %% ../nbs/08_sweep.ipynb #e98a2554
-def read_status(run_dir) -> str:
-    "A run directory's status (`running`, `done`, `failed: <reason>`), or `new` when it has none."
-    p = Path(run_dir)/'status'
-    return p.read_text().strip() if p.exists() else 'new'
-
-def write_status(run_dir, status:str):
-    "Set a run directory's status, atomically."
-    atomic_write_text(Path(run_dir)/'status', status + '\n')
-
-def last_metrics(run_dir) -> dict:
-    "The last complete evaluation of a run (`{}` when it has none yet)."
-    p = Path(run_dir)/'metrics.jsonl'
-    if not p.exists(): return {}
-    for line in reversed(p.read_text().splitlines()):
-        try: return json.loads(line)
-        except ValueError: continue
-    return {}
-
-# %% ../nbs/08_sweep.ipynb #7714550b
-@contextmanager
-def cell_lock(run_dir, # The cell's run directory (created)
-              wait:float=0.0, # Seconds to keep trying when another process holds the lock
-             ):
-    "Hold the exclusive lock `run_dir/.lock`; yields the open lock file, or `None` when another process holds it."
-    run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir/'.lock', 'a+')
-    try:
-        t0 = time.monotonic()
-        while True:
-            try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB); break
-            except BlockingIOError:
-                if time.monotonic() - t0 >= wait: yield None; return
-                time.sleep(0.1)
-        try: yield f
-        finally: fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    finally: f.close()
-
-def is_locked(run_dir) -> bool:
-    "Whether some process holds the cell's lock now (the cell is running)."
-    p = Path(run_dir)/'.lock'
-    if not p.exists(): return False
-    with open(p, 'a+') as f:
-        try: fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError: return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN); return False
-
 # %% ../nbs/08_sweep.ipynb #6eab87e1
 def notebook_error(path) -> tuple|None:
     "The `(ename, evalue)` of the first error output in an executed notebook, or `None`."
@@ -286,7 +239,12 @@ def notebook_error(path) -> tuple|None:
             if o.get('output_type') == 'error': return o.get('ename', ''), o.get('evalue', '')
     return None
 
-def _ignore_usr2(): signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+def _cell_signals(under_slurm:bool):
+    "In papermill: ignore Ctrl-C (the launcher stops cells), and under Slurm the preemption warning (submitit's)."
+    def f():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if under_slurm: signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    return f
 
 def _one_line(s:str, n:int=300) -> str:
     s = re.sub(r'\x1b\[[0-9;]*m', '', ' '.join(str(s).split()))
@@ -298,59 +256,105 @@ def execute_cell(cell:Cell, # The cell to run
                  retry:bool=False, # Run it again if its status is `failed`
                  env:dict|None=None, # Extra environment variables for the papermill process (e.g. CUDA_VISIBLE_DEVICES)
                  under_slurm:bool=False, # Leave the preemption signal (SIGUSR2) to submitit: the kernel ignores it and is stopped by SIGTERM
+                 started=None, # Called as `started(proc)` with the papermill process once it runs
                 ) -> dict:
     "Run one cell through papermill unless it is done, failed (without `retry`) or running elsewhere; report what happened."
-    t0, run_dir = time.time(), Path(cell.run_dir)
-    out = dict(cell_id=cell.cell_id, run_dir=str(run_dir), outcome='', status='', seconds=0.0, message='')
+    t0, rd = time.time(), RunDir(cell.run_dir)
+    out = dict(cell_id=cell.cell_id, run_dir=str(rd.path), outcome='', status='', seconds=0.0, message='')
     def result(outcome, message=''):
-        return {**out, 'outcome': outcome, 'status': read_status(run_dir), 'seconds': round(time.time() - t0, 1), 'message': message}
+        return {**out, 'outcome': outcome, 'status': rd.status, 'seconds': round(time.time() - t0, 1), 'message': message}
     if cell_config(**{k: v for k, v in params.items() if k not in ('quiet', 'show')})[0] != cell.cfg:
-        return result('failed', f"the sweep file changed since this cell was planned; launch the sweep again.")
-    with cell_lock(run_dir, wait=2.0) as lock:
+        return result('failed', "the sweep file changed since this cell was planned; launch the sweep again.")
+    with rd.try_lock(wait=2.0) as lock:
         if lock is None: return result('busy', 'another process is running this cell')
-        st = read_status(run_dir)
+        st = rd.status
         if st == 'done': return result('skipped')
-        if st.startswith('failed') and not retry: return result('skipped', f'{st} (use --retry to run it again)')
+        if state_kind(st) == 'failed' and not retry: return result('skipped', f'{st} (use --retry to run it again)')
         template = Path(template or template_path())
-        pfile = run_dir/'params.yaml'
-        atomic_write_text(pfile, yaml.safe_dump(params, sort_keys=False))
-        cmd = [sys.executable, '-m', 'papermill', str(template), str(run_dir/'run.ipynb'), '-f', str(pfile),
+        atomic_write(rd.params_path, lambda f: yaml.safe_dump(params, f, sort_keys=False))
+        cmd = [sys.executable, '-m', 'papermill', str(template), str(rd.notebook_path), '-f', str(rd.params_path),
                '--log-output', '--no-progress-bar', '-k', 'python3']
-        with open(run_dir/'log.txt', 'a') as log:
+        with open(rd.log_path, 'a') as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.cell_id} on {os.uname().nodename} (status {st}) ===\n"); log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock.fileno(),),
-                                    env={**os.environ, **(env or {})}, preexec_fn=_ignore_usr2 if under_slurm else None)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock.fd,),
+                                    env={**os.environ, **(env or {}), LOCK_ENV: lock.token}, preexec_fn=_cell_signals(under_slurm))
+            if started is not None: started(proc)
             try: rc = proc.wait()
             except BaseException:  # the worker is being stopped: stop papermill (the kernel follows it) and pass it on
                 proc.terminate()
                 try: proc.wait(10)
                 except subprocess.TimeoutExpired: proc.kill()
                 raise
-        st = read_status(run_dir)
+        st = rd.status
         if rc == 0 and st == 'done': return result('done')
-        err = notebook_error(run_dir/'run.ipynb')
-        if st == 'done': return result('done', f"trained, but the notebook failed afterwards ({_one_line(': '.join(err or ('exit code', str(rc))))}); see {run_dir/'run.ipynb'}")
-        if st.startswith('failed'): return result('failed', st)
+        err = notebook_error(rd.notebook_path)
+        if st == 'done': return result('done', f"trained, but the notebook failed afterwards ({_one_line(': '.join(err or ('exit code', str(rc))))}); see {rd.notebook_path}")
+        if state_kind(st) == 'failed': return result('failed', st)
+        if state_kind(st) == 'stopped': return result('interrupted', f"{st}; the next launch resumes it")
+        if st == 'running': return result('interrupted', f"its kernel was killed (papermill exit code {rc}); the next launch resumes it from its checkpoint")
         if rc < 0 or (err and err[0] in ('SystemExit', 'KeyboardInterrupt')):
-            return result('interrupted', f"stopped by a signal; the next launch resumes it from its checkpoint")
+            return result('interrupted', "stopped by a signal before training began; the next launch runs it")
         reason = _one_line(f'{err[0]}: {err[1]}' if err else f'papermill exited with code {rc}')
-        write_status(run_dir, f'failed: {reason}')
-        return result('failed', f'failed: {reason} (see {run_dir}/log.txt)')
+        rd.write_status(f'failed: {reason}')
+        return result('failed', f'failed: {reason} (see {rd.log_path})')
 
 # %% ../nbs/08_sweep.ipynb #7d03e7af
 def _report(r:dict, i:int, n:int, log=print):
     msg = f" — {r['message']}" if r['message'] else ''
     log(f"[{i}/{n}] {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s){msg}")
 
-def run_local(tasks:list, # (cell, params) pairs
+def _fmt_s(s:float) -> str: return f'{s:.0f} s' if s < 90 else f'{s / 60:.0f} min' if s < 5400 else f'{s / 3600:.1f} h'
+
+class _Progress:
+    "The launcher's lines as cells start and end: counts of done, running and left, speed and the time left."
+    def __init__(self, n:int, jobs:int, log=print): self.n, self.jobs, self.log, self.lock = n, jobs, log, threading.Lock(); self.done, self.running, self.secs, self.t0 = 0, 0, [], {}
+    def head(self) -> str: return f"[{self.done} ended, {self.running} running, {self.n - self.done - self.running} left]"
+    def start(self, cell):
+        with self.lock:
+            self.running += 1; rd = RunDir(cell.run_dir); self.t0[cell.cell_id] = (time.time(), rd.last_metrics().get('step', 0))
+            self.log(f"{self.head()} {cell.cell_id}: started; log {rd.log_path}, notebook {rd.notebook_path}")
+    def end(self, r:dict, started:bool=True):
+        with self.lock:
+            self.done += 1; self.running -= started
+            t, s0 = self.t0.get(r['cell_id'], (time.time(), 0))
+            rd = RunDir(r['run_dir']); m = re.search(r' at step (\d+) ', rd.status)  # a stopped run says where it stopped
+            steps = max(rd.last_metrics().get('step', 0), int(m.group(1)) if m else 0) - s0
+            speed = f", {steps / r['seconds']:.3g} steps/s" if started and r['seconds'] > 0 and steps > 0 else ''
+            if started and r['outcome'] in ('done', 'interrupted', 'failed'): self.secs.append(r['seconds'])
+            left = self.n - self.done
+            go_on = r['outcome'] in ('done', 'failed', 'skipped', 'busy')  # no estimate once the sweep is being stopped
+            eta = f"; about {_fmt_s(sum(self.secs) / len(self.secs) * math.ceil(left / self.jobs))} left" if self.secs and left and go_on else ''
+            msg = f" — {r['message']}" if r['message'] else ''
+            self.log(f"{self.head()} {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s{speed}){msg}{eta}")
+
+@contextmanager
+def _on_stop(handler):
+    "Call `handler(signum)` on SIGTERM and SIGINT for the block (in the main thread; elsewhere signals are left alone)."
+    old = {}
+    try:
+        for s in (signal.SIGTERM, signal.SIGINT): old[s] = signal.signal(s, lambda signum, frame: handler(signum))
+    except ValueError: pass
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+def _stop_cell(rd:RunDir, proc, launcher:int):
+    "Ask a running cell to stop: SIGTERM to its kernel's process group when training runs, else to papermill."
+    runner = (rd.holder() or {}).get('runner')
+    if runner and runner != launcher:
+        try: os.killpg(runner, signal.SIGTERM) if os.getpgid(runner) == runner else os.kill(runner, signal.SIGTERM); return
+        except (ProcessLookupError, PermissionError): pass
+    if proc is not None and proc.poll() is None: proc.terminate()
+
+def run_cells(tasks:list, # (cell, params) pairs
               jobs:int=1, # Cells at once
               retry:bool=False, # Run failed cells again
               template=None, # The template notebook
               gpus:int=0, # GPUs one cell asks for (0: leave CUDA_VISIBLE_DEVICES alone)
               cpus:int=0, # CPU threads of one cell (0: the machine's cores shared among the `jobs`)
               log=print, # Where progress lines go
-             ) -> list:
-    "Run cells as local papermill processes, `jobs` at a time; returns `execute_cell`'s reports in the cells' order."
+             ) -> tuple: # (reports in the cells' order, the stop signal's number or `None`)
+    "Run cells as local papermill processes, `jobs` at a time; SIGTERM or Ctrl-C stops them at a checkpoint."
     if jobs < 1: raise ValueError(f"--jobs must be at least 1, got {jobs}.")
     ngpu = 0
     if gpus:
@@ -358,19 +362,37 @@ def run_local(tasks:list, # (cell, params) pairs
         ngpu = torch.cuda.device_count()
     threads = {} if 'OMP_NUM_THREADS' in os.environ else {'OMP_NUM_THREADS': str(cpus or max(1, (os.cpu_count() or 1) // jobs))}
     slots = list(range(jobs)); slot_lock = threading.Lock()
+    running, stopped = {}, []  # cell id → (RunDir, papermill process)
+    prog = _Progress(len(tasks), jobs, log)
     def work(cp):
+        if stopped: return None
         with slot_lock: s = slots.pop()
         try:
             env = {**threads, **({'CUDA_VISIBLE_DEVICES': str(s % ngpu)} if ngpu else {})}
-            return execute_cell(*cp, template=template, retry=retry, env=env)
+            prog.start(cp[0])
+            def started(proc):
+                running[cp[0].cell_id] = (RunDir(cp[0].run_dir), proc)
+                if stopped: _stop_cell(RunDir(cp[0].run_dir), proc, os.getpid())
+            r = execute_cell(*cp, template=template, retry=retry, env=env, started=started)
+            running.pop(cp[0].cell_id, None); prog.end(r)
+            return r
         finally:
             with slot_lock: slots.append(s)
+    def stop(signum):
+        if stopped: return
+        stopped.append(signum)
+        for rd, proc in list(running.values()): _stop_cell(rd, proc, os.getpid())
     results = {}
-    with ThreadPoolExecutor(max_workers=jobs) as ex:
-        futs = {ex.submit(work, cp): cp[0].cell_id for cp in tasks}
-        for i, f in enumerate(as_completed(futs), 1):
-            r = f.result(); results[r['cell_id']] = r; _report(r, i, len(tasks), log)
-    return [results[c.cell_id] for c, _ in tasks]
+    with _on_stop(stop), ThreadPoolExecutor(max_workers=jobs) as ex:
+        futs = {ex.submit(work, cp): cp for cp in tasks}
+        for f in as_completed(futs):
+            r = f.result()
+            if r is None:
+                c = futs[f][0]
+                r = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='not started', status=RunDir(c.run_dir).state, seconds=0.0,
+                         message='the sweep was stopped first'); prog.end(r, started=False)
+            results[r['cell_id']] = r
+    return [results[c.cell_id] for c, _ in tasks], (stopped[0] if stopped else None)
 
 # %% ../nbs/08_sweep.ipynb #9da50a69
 try: from submitit.helpers import Checkpointable
@@ -408,7 +430,7 @@ def queued_jobs(name:str) -> set:
 
 def cell_job(run_dir) -> str:
     "The id of the Slurm job last submitted for a cell ('' if none)."
-    p = Path(run_dir)/'slurm_job'
+    p = RunDir(run_dir).slurm_job_path
     return p.read_text().strip() if p.exists() else ''
 
 def submit_slurm(tasks:list, # (cell, params) pairs
@@ -425,7 +447,7 @@ def submit_slurm(tasks:list, # (cell, params) pairs
     ex.update_parameters(**slurm_parameters(res, name))
     job = CellJob(str(Path(template or template_path()).absolute()), retry)
     jobs = ex.map_array(job, [c for c, _ in tasks], [p for _, p in tasks])
-    for (c, _), j in zip(tasks, jobs): atomic_write_text(Path(c.run_dir)/'slurm_job', j.job_id + '\n')
+    for (c, _), j in zip(tasks, jobs): atomic_write(RunDir(c.run_dir).slurm_job_path, lambda f: f.write(j.job_id + '\n'))
     return jobs
 
 def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
@@ -433,21 +455,26 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
                poll:float=5.0, # Seconds between checks
                log=print, # Where progress lines go
               ) -> list:
-    "Wait until every job has ended for good (a requeued job is still running), reporting each cell as it ends."
-    left, out, t0 = dict(enumerate(jobs)), {}, time.time()
-    while left:
+    "Wait until every job has ended for good (a requeued job is still running), reporting each cell as it ends; SIGTERM or Ctrl-C stops waiting."
+    left, out, t0, stopped = dict(enumerate(jobs)), {}, time.time(), []
+    with _on_stop(stopped.append):
+      while left and not stopped:
         for j in left.values(): j.watcher.register_job(j.job_id)
         jobs[0].watcher.update()  # one `sacct` call for every job of the array
         for i, j in list(left.items()):
             state = j.watcher.get_state(j.job_id, mode='cache')
             if not state.startswith(FINISHED): continue
-            c = cells[i]; st = read_status(c.run_dir)
-            outcome = 'done' if st == 'done' else 'failed' if st.startswith('failed') else 'interrupted'
+            c = cells[i]; st = RunDir(c.run_dir).status
+            outcome = 'done' if st == 'done' else 'failed' if state_kind(st) == 'failed' else 'interrupted'
             msg = '' if outcome == 'done' else f"job {j.job_id} {state}, status {st}; see {j.paths.stdout}"
             out[i] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome=outcome, status=st, seconds=round(time.time() - t0, 1),
                           message=msg, job_id=j.job_id, state=state)
             del left[i]; _report(out[i], len(out), len(jobs), log)
-        if left: time.sleep(poll)
+        if left and not stopped: time.sleep(poll)
+    if stopped: log(f"stopped waiting ({signal.Signals(stopped[0]).name}); {len(left)} cell(s) keep running in Slurm: see `dmstudy status`")
+    for i, j in left.items():
+        c = cells[i]; out[i] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='busy', status=RunDir(c.run_dir).state, seconds=round(time.time() - t0, 1),
+                                    message=f'still in Slurm as job {j.job_id}', job_id=j.job_id, state='')
     return [out[i] for i in range(len(jobs))]
 
 # %% ../nbs/08_sweep.ipynb #054b468d
@@ -467,7 +494,6 @@ def cell_cost(cfg:RunConfig, # The cell's config
     c, side = _NATIVE.get(cfg.dataset, (None, None))
     c, side = cfg.channels or c, cfg.image_size or side
     params, gflop = _model_cost(cfg.unet, (c, side, side), cfg.class_cond, cfg.dropout) if c and side else (math.nan, math.nan)
-    from dmstudy.train import eval_schedule  # here, not at the top: only a dry run needs the training loop
     evals = len(eval_schedule(cfg))
     gen = max(cfg.n_samples, cfg.sample_grid)
     if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
@@ -482,7 +508,7 @@ def cell_cost(cfg:RunConfig, # The cell's config
 
 def dry_run_table(cells:list, images_per_s:float|None=None, tflops:float|None=None) -> pd.DataFrame:
     "One row per cell: its id, grid values, status and cost."
-    return pd.DataFrame([{'cell_id': c.cell_id, **c.point, 'status': read_status(c.run_dir), **cell_cost(c.cfg, images_per_s, tflops)} for c in cells])
+    return pd.DataFrame([{'cell_id': c.cell_id, **c.point, 'status': RunDir(c.run_dir).state, **cell_cost(c.cfg, images_per_s, tflops)} for c in cells])
 
 # %% ../nbs/08_sweep.ipynb #64eeed3d
 def _read_bench(path) -> float:
@@ -492,24 +518,28 @@ def _read_bench(path) -> float:
         if str(r.get('model', '')).startswith('dmstudy') and r.get('train_tflop_s'): return float(r['train_tflop_s'])
     raise ValueError(f"{path} holds no `train_tflop_s` of a dmstudy model; write it with `dmstudy bench --out {path}`.")
 
-def launch(sweep, # Sweep name or YAML path
-           executor:str='local', # `local` or `slurm`
-           jobs:int=1, # Local: cells at once; Slurm: the array's parallelism (unless the sweep sets it)
-           only=None, # Cell ids or shell patterns to run (default: all)
-           retry:bool=False, # Run failed cells again
-           dry_run:bool=False, # Print the cells and what they would cost, run nothing
-           root=None, # Runs root; `None`: `$DMSTUDY_RUNS` or `./runs`
-           params:dict|None=None, # Template parameters for every cell (`-p NAME VALUE`): RunConfig fields or `show`/`quiet`
-           sets:dict|None=None, # RunConfig fields for every cell (`--set key=value`)
-           resources:dict|None=None, # Resource overrides (gpus, cpus, mem_gb, time_min, partition, array_parallelism, ...)
-           template=None, # The template notebook; `None`: `template_path()`
-           wait:bool=True, # Slurm: wait for the jobs to end (else return after submitting)
-           throughput=None, # Dry run: training images/s of the cells' model, or a `dmstudy bench --out` JSON (its TFLOP/s, scaled by each model's FLOPs)
-           poll:float=5.0, # Slurm: seconds between checks of the jobs' states
-           log=print, # Where progress lines go
-          ):
-    "Run (or plan) a sweep's cells; returns a report per cell (see `execute_cell`), the dry-run table, or the Slurm jobs."
-    if executor not in ('local', 'slurm'): raise ValueError(f"Unknown executor {executor!r}; use 'local' or 'slurm'.")
+@dataclass
+class SweepPlan:
+    "What a launch of a sweep would do: the cells to run, with their parameters, and the cells it skips, with why."
+    sweep:Sweep # The sweep
+    cells:list # Every selected cell, in order
+    todo:list # (cell, papermill parameters) of the cells to run
+    skipped:dict # cell id → report of a cell that is not run (done, failed without retry, running elsewhere, queued)
+    template:Path # The template notebook
+    resources:dict # What one cell needs: the sweep's resources with the command line's overrides
+    retry:bool=False # Run failed cells again
+    root:Path|None=None # Runs root
+
+def plan_sweep(sweep, # Sweep name or YAML path
+               only=None, # Cell ids or shell patterns to run (default: all)
+               retry:bool=False, # Run failed cells again
+               root=None, # Runs root; `None`: `$DMSTUDY_RUNS` or `./runs`
+               params:dict|None=None, # Template parameters for every cell (`-p NAME VALUE`): RunConfig fields or `show`/`quiet`
+               sets:dict|None=None, # RunConfig fields for every cell (`--set key=value`)
+               resources:dict|None=None, # Resource overrides (gpus, cpus, mem_gb, time_min, partition, array_parallelism, ...)
+               template=None, # The template notebook; `None`: `template_path()`
+              ) -> SweepPlan:
+    "Check a sweep and decide what a launch does with each cell; nothing runs."
     sw = load_sweep(sweep)
     template = Path(template or template_path())
     tp = template_parameters(template)
@@ -527,44 +557,78 @@ def launch(sweep, # Sweep name or YAML path
         check_parameters(p, template, tp)
         if cell_config(**{k: v for k, v in p.items() if k not in ('quiet', 'show')})[0] != c.cfg:
             raise RuntimeError(f"The parameters of cell {c.cell_id} do not rebuild its config; this is a bug in dmstudy.sweep.")
-    if dry_run:
-        bench = isinstance(throughput, (str, os.PathLike))
-        ips, tfl = (None, _read_bench(throughput)) if bench else (throughput, None)
-        t = dry_run_table(cells, ips, tfl)
-        log(f"{sw.name}: {len(cells)} cells{' — ' + sw.description if sw.description else ''}")
-        fmt = {'params': lambda v: f'{v / 1e6:.2f}M', 'hours': lambda v: f'{v:,.3g}', 'gflop': lambda v: f'{v:.3g}',
-               **{k: (lambda v: f'{v:,}') for k in ('steps', 'images', 'evals', 'sample_nfe')}}
-        log(t.to_string(index=False, formatters={k: f for k, f in fmt.items() if k in t}))
-        tot = f"{t.images.sum():,} training images, {t.sample_nfe.sum():,} sampling network evaluations"
-        at = f"{ips:,.0f} training images/s" if ips else f"{tfl:.3g} TFLOP/s (from {throughput})" if tfl else ''
-        log(f"total: {tot}" + (f", about {t.hours.sum():,.3g} hours at {at}" if at else
-                               " (give --throughput IMAGES_PER_S or a `dmstudy bench --out` JSON for hours)"))
-        return t
-    todo, reports = [], {}
+    todo, skipped = [], {}
     queued = queued_jobs(f'dmstudy-{sw.name}') if any(cell_job(c.run_dir) for c in cells) else set()
     for c, p in tasks:
-        st, why, busy = read_status(c.run_dir), '', True
+        rd = RunDir(c.run_dir); st = rd.state; why, busy = '', True
         if st == 'done': why, busy = 'done', False
-        elif st.startswith('failed') and not retry: why, busy = f'{st} (use --retry to run it again)', False
-        elif is_locked(c.run_dir): why = 'running in another process'
+        elif state_kind(st) == 'failed' and not retry: why, busy = f'{st} (use --retry to run it again)', False
+        elif rd.locked(): why = 'running in another process'
         elif cell_job(c.run_dir) in queued: why = f'queued in Slurm as job {cell_job(c.run_dir)}'
         if not why: todo.append((c, p)); continue
-        log(f"{c.cell_id}: skipped, {why}")
-        reports[c.cell_id] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='busy' if busy else 'skipped',
-                                  status=st, seconds=0.0, message=why)
-    log(f"{sw.name}: {len(cells)} cells, {len(todo)} to run ({executor})")
+        skipped[c.cell_id] = dict(cell_id=c.cell_id, run_dir=str(c.run_dir), outcome='busy' if busy else 'skipped', status=st, seconds=0.0, message=why)
     res = {**sw.resources, **{k: v for k, v in (resources or {}).items() if v is not None}}
-    if not todo: ran = []
-    elif executor == 'local': ran = run_local(todo, jobs, retry, template, gpus=int(res.get('gpus') or 0), cpus=int(res.get('cpus') or 0), log=log)
-    else:
-        if jobs > 1 and not (resources or {}).get('array_parallelism'): res.setdefault('array_parallelism', jobs)
-        folder = Path(root if root is not None else runs_root())/sw.name/'.submitit'
-        js = submit_slurm(todo, folder, res, f'dmstudy-{sw.name}', retry, template)
-        log(f"submitted job array {js[0].job_id.split('_')[0]} ({len(js)} cells); logs in {folder}")
-        if not wait: return js
-        ran = wait_slurm(js, [c for c, _ in todo], poll, log)
-    reports.update({r['cell_id']: r for r in ran})
-    return [reports[c.cell_id] for c in cells]
+    return SweepPlan(sw, cells, todo, skipped, template, res, retry, Path(root) if root is not None else None)
+
+def plan_table(plan:SweepPlan, # A plan of `plan_sweep`
+               throughput=None, # Training images/s of the cells' model, or a `dmstudy bench --out` JSON (its TFLOP/s, scaled by each model's FLOPs)
+               log=print, # Where the table goes
+              ) -> pd.DataFrame:
+    "The dry run: print each cell of a plan with what it would cost; returns the table."
+    bench = isinstance(throughput, (str, os.PathLike))
+    ips, tfl = (None, _read_bench(throughput)) if bench else (throughput, None)
+    t, sw = dry_run_table(plan.cells, ips, tfl), plan.sweep
+    log(f"{sw.name}: {len(plan.cells)} cells{' — ' + sw.description if sw.description else ''}")
+    fmt = {'params': lambda v: f'{v / 1e6:.2f}M', 'hours': lambda v: f'{v:,.3g}', 'gflop': lambda v: f'{v:.3g}',
+           **{k: (lambda v: f'{v:,}') for k in ('steps', 'images', 'evals', 'sample_nfe')}}
+    log(t.to_string(index=False, formatters={k: f for k, f in fmt.items() if k in t}))
+    tot = f"{t.images.sum():,} training images, {t.sample_nfe.sum():,} sampling network evaluations"
+    at = f"{ips:,.0f} training images/s" if ips else f"{tfl:.3g} TFLOP/s (from {throughput})" if tfl else ''
+    log(f"total: {tot}" + (f", about {t.hours.sum():,.3g} hours at {at}" if at else
+                           " (give --throughput IMAGES_PER_S or a `dmstudy bench --out` JSON for hours)"))
+    return t
+
+def _announce(plan:SweepPlan, executor:str, log):
+    for r in plan.skipped.values(): log(f"{r['cell_id']}: skipped, {r['message']}")
+    log(f"{plan.sweep.name}: {len(plan.cells)} cells, {len(plan.todo)} to run ({executor})")
+
+def run_sweep(plan:SweepPlan, # A plan of `plan_sweep`
+              jobs:int=1, # Cells at once
+              log=print, # Where progress lines go
+             ) -> list: # One report per cell of the plan (see `execute_cell`), in order
+    "Run a plan's cells here, `jobs` at a time; SIGTERM or Ctrl-C stops the running cells at a checkpoint."
+    _announce(plan, 'local', log)
+    res = plan.resources
+    ran, signum = run_cells(plan.todo, jobs, plan.retry, plan.template, gpus=int(res.get('gpus') or 0), cpus=int(res.get('cpus') or 0), log=log) if plan.todo else ([], None)
+    if signum is not None:
+        n = sum(r['outcome'] == 'interrupted' for r in ran); m = sum(r['outcome'] == 'not started' for r in ran)
+        log(f"{plan.sweep.name}: stopped by {signal.Signals(signum).name}: {n} cell(s) stopped at a checkpoint, {m} not started; rerun the same command to resume.")
+    reports = {**plan.skipped, **{r['cell_id']: r for r in ran}}
+    return [reports[c.cell_id] for c in plan.cells]
+
+def submit_sweep(plan:SweepPlan, # A plan of `plan_sweep`
+                 jobs:int=1, # The array's parallelism (unless the sweep or the command line sets it)
+                 log=print, # Where progress lines go
+                ) -> list: # The submitit jobs, in the order of `plan.todo`
+    "Submit a plan's cells as one Slurm job array."
+    _announce(plan, 'slurm', log)
+    if not plan.todo: return []
+    res = dict(plan.resources)
+    if jobs > 1: res.setdefault('array_parallelism', jobs)
+    folder = Path(plan.root if plan.root is not None else runs_root())/plan.sweep.name/'.submitit'
+    js = submit_slurm(plan.todo, folder, res, f'dmstudy-{plan.sweep.name}', plan.retry, plan.template)
+    log(f"submitted job array {js[0].job_id.split('_')[0]} ({len(js)} cells); logs in {folder}")
+    return js
+
+def wait_sweep(plan:SweepPlan, # The plan whose cells were submitted
+               jobs:list, # Its jobs, from `submit_sweep`
+               poll:float=5.0, # Seconds between checks of the jobs' states
+               log=print, # Where progress lines go
+              ) -> list: # One report per cell of the plan, in order
+    "Wait for a submitted plan's jobs; one report per cell."
+    ran = wait_slurm(jobs, [c for c, _ in plan.todo], poll, log) if jobs else []
+    reports = {**plan.skipped, **{r['cell_id']: r for r in ran}}
+    return [reports[c.cell_id] for c in plan.cells]
 
 # %% ../nbs/08_sweep.ipynb #9f8cefa5
 HEADLINE = ('loss/train', 'loss/test', 'mem_frac', 'copy_score', 'sw/test', 'sw_pixel/test', 'fid/test')
@@ -573,7 +637,7 @@ def sweep_runs(sweep, root=None) -> list:
     "The run directories in the sweep's folder `runs/<sweep>/` (cells of this grid or of earlier versions of it)."
     sw = load_sweep(sweep)
     d = Path(root if root is not None else runs_root())/sw.name
-    return sorted(p.parent for p in d.glob('*/config.json')) if d.is_dir() else []
+    return sorted((r.path for r in RunDir.find(d) if r.path.parent == d), key=str) if d.is_dir() else []
 
 def sweep_status(sweep, root=None) -> pd.DataFrame:
     "One row per cell: grid values, status, last evaluated step of all steps, and the last headline metrics."
@@ -582,14 +646,13 @@ def sweep_status(sweep, root=None) -> pd.DataFrame:
     known = {Path(c.run_dir).resolve() for c in cells}
     for d in sweep_runs(sw, root):  # runs of the sweep's folder that this grid does not plan (e.g. launched with --set seed=1)
         if d.resolve() not in known:
-            cfg = RunConfig.from_json(d/'config.json')
+            cfg = RunDir(d).read_config()
             cells.append(Cell(sw.name, d.name, cfg, {k: getattr(cfg, k) for k in sw.axes}, d))
     queued = queued_jobs(f'dmstudy-{sw.name}') if any(cell_job(c.run_dir) for c in cells) else set()
     for c in cells:
-        st = read_status(c.run_dir)
-        if st == 'running': st = 'running' if is_locked(c.run_dir) else 'stopped'
-        if st in ('new', 'stopped') and cell_job(c.run_dir) in queued: st = f'queued (job {cell_job(c.run_dir)})'
-        last = last_metrics(c.run_dir)
+        rd = RunDir(c.run_dir); st = rd.state
+        if state_kind(st) in ('new', 'interrupted', 'stopped') and cell_job(c.run_dir) in queued: st = f'queued (job {cell_job(c.run_dir)})'
+        last = rd.last_metrics()
         rows.append({'cell_id': c.cell_id, **{k: c.point.get(k) for k in sw.axes}, 'status': st,
                      'step': last.get('step', 0), 'steps': c.cfg.steps, **{k: last[k] for k in HEADLINE if k in last}})
     return pd.DataFrame(rows)
@@ -603,7 +666,7 @@ def collect(sweep, # Sweep name or YAML path
     from dmstudy.analysis import load_runs, save_results, summarize
     if samples not in ('none', 'last', 'all'): raise ValueError(f"samples must be 'none', 'last' or 'all', got {samples!r}.")
     sw = load_sweep(sweep)
-    runs = [d for d in sweep_runs(sw, root) if last_metrics(d)]
+    runs = [d for d in sweep_runs(sw, root) if RunDir(d).last_metrics()]
     if not runs: raise FileNotFoundError(f"No run of sweep {sw.name!r} has evaluations yet under {Path(root if root is not None else runs_root())/sw.name}; run `dmstudy sweep {sw.name}` first.")
     df = load_runs(runs)
     df['sweep'] = sw.name
@@ -611,13 +674,13 @@ def collect(sweep, # Sweep name or YAML path
     out = Path(out)
     pq = save_results(df, out/f'{sw.name}.parquet')
     summ = summarize(df)
-    status = {str(d): read_status(d) for d in runs}
+    status = {str(d): RunDir(d).state for d in runs}
     summ.insert(0, 'status', summ['run_dir'].map(status) if 'run_dir' in summ else None)
     csv = out/f'{sw.name}_summary.csv'
-    tmp = csv.with_name(f'.{csv.name}.tmp{os.getpid()}'); summ.to_csv(tmp, index=False); os.replace(tmp, csv)
+    atomic_write(csv, lambda f: summ.to_csv(f, index=False))
     if samples != 'none':
         for d in runs:
-            pngs = sorted((d/'samples').glob('*.png'))
+            rd = RunDir(d); steps = rd.sample_steps()
             dst = out/sw.name/d.name; dst.mkdir(parents=True, exist_ok=True)
-            for p in (pngs[-1:] if samples == 'last' else pngs): shutil.copyfile(p, dst/p.name)
+            for s in (steps[-1:] if samples == 'last' else steps): shutil.copyfile(rd.sample_path(s), dst/rd.sample_path(s).name)
     return pq, csv

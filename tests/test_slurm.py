@@ -15,8 +15,14 @@ def main(*argv):
 
 
 def _steps(run_dir) -> list:
-    p = Path(run_dir)/'metrics.jsonl'
-    return [json.loads(l)['step'] for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    from dmstudy.rundir import RunDir
+    return [r['step'] for r in RunDir(run_dir).read_metrics()]
+
+
+def _rows(run_dir) -> list:
+    "A run's metrics rows without their wall-clock fields."
+    from dmstudy.rundir import RunDir
+    return [{k: v for k, v in r.items() if k not in ('wall_time', 'eval_time')} for r in RunDir(run_dir).read_metrics()]
 
 
 def _tail(p, n=3000) -> str:
@@ -30,11 +36,12 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
     before the time limit: its `Checkpointable` requeues the job with `scontrol requeue`, and the kernel ignores the
     signal), then by `scontrol requeue` from outside, as a preempting scheduler does. Each time Slurm stops the old run
     with SIGTERM, training writes its checkpoint, and the requeued job resumes from it. Every cell ends done with each
-    evaluation once, the results are collected, and a launch while the jobs are queued or after they are done submits
-    nothing."""
+    evaluation once and metrics identical to a run that was never interrupted, the results are collected, and a launch
+    while the jobs are queued or after they are done submits nothing. (How often Slurm requeues depends on timing and
+    is not asserted; that the victim resumed from its checkpoint is.)"""
     for k, v in slurm.env.items(): monkeypatch.setenv(k, v)
-    from dmstudy.sweep import sweep_cells, launch, cell_job
-    from dmstudy.train import read_status
+    from dmstudy.sweep import sweep_cells, plan_sweep, cell_job
+    from dmstudy.rundir import RunDir
     root = tmp_path/'runs'
     sets = {'steps': 300, 'eval_steps': [20, 150, 300]}  # long enough to be requeued mid-training, twice
     cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', 'sweep', 'smoke', '--executor', 'slurm',
@@ -47,7 +54,7 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
         jid = cell_job(victim.run_dir)
         errs = sorted(root.glob(f'smoke/.submitit/**/{jid}_*log.err')) if jid else []
         return '\n'.join([slurm.run('squeue', '-t', 'all', check=False).stdout, slurm.run('scontrol', 'show', 'job', jid or '0', check=False).stdout,
-                          '--- job stderr', _tail(errs[0]) if errs else '(none)', '--- cell log', _tail(victim.run_dir/'log.txt'),
+                          '--- job stderr', _tail(errs[0]) if errs else '(none)', '--- cell log', _tail(RunDir(victim.run_dir).log_path),
                           '--- slurmctld', _tail(slurm.root/'log'/'slurmctld.log', 1500), '--- slurmd', _tail(slurm.root/'log'/'slurmd.log', 1500)])
 
     def wait_for_step(n):
@@ -61,8 +68,8 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
         jid = cell_job(victim.run_dir)
         assert re.fullmatch(r'\d+_0', jid), jid
         # a launch while the array is queued or running submits nothing
-        again = launch('smoke', executor='slurm', root=root, sets=sets, log=lambda s: None)
-        assert [r['outcome'] for r in again] == ['busy', 'busy'], again
+        again = plan_sweep('smoke', root=root, sets=sets)
+        assert not again.todo and [r['outcome'] for r in again.skipped.values()] == ['busy', 'busy'], again.skipped
         slurm.run('scancel', '--signal=USR2', jid)
         wait_for_step(150)
         slurm.run('scontrol', 'requeue', jid)
@@ -72,20 +79,26 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
     assert proc.returncode == 0, f"{out}\n{diagnose()}"
     assert re.search(r'submitted job array \d+ \(2 cells\)', out) and 'smoke: 2 done, 0 failed' in out, out
     for c in cells:
-        assert read_status(c.run_dir) == 'done' and _steps(c.run_dir) == [20, 150, 300], _tail(c.run_dir/'log.txt')
-        nb = json.loads((c.run_dir/'run.ipynb').read_text())
+        assert RunDir(c.run_dir).status == 'done' and _steps(c.run_dir) == [20, 150, 300], _tail(RunDir(c.run_dir).log_path)
+        nb = json.loads(RunDir(c.run_dir).notebook_path.read_text())
         src = ''.join(next(x['source'] for x in nb['cells'] if 'injected-parameters' in x['metadata'].get('tags', [])))
         assert f'n_train = {c.cfg.n_train}' in src and 'steps = 300' in src, src
-        assert 'Executing notebook with kernel: python3' in (c.run_dir/'log.txt').read_text()
-    restarts = [re.search(r'Restarts=(\d+)', slurm.run('scontrol', 'show', 'job', cell_job(c.run_dir)).stdout).group(1) for c in cells]
-    assert restarts == ['2', '0'], restarts
+        assert 'Executing notebook with kernel: python3' in RunDir(c.run_dir).log_path.read_text()
     q = slurm.run('squeue', '-h', '-t', 'all', '-o', '%i %T')
     assert len(re.findall(r'^\d+_[01] COMPLETED$', q.stdout, re.M)) == 2, q.stdout
     errs = sorted(root.glob(f"smoke/.submitit/**/{cell_job(victim.run_dir)}_*log.err"))
-    assert errs and 'Caught signal SIGUSR2' in errs[0].read_text()
-    log = (victim.run_dir/'log.txt').read_text()
+    assert errs and any('Caught signal SIGUSR2' in e.read_text() for e in errs)
+    # the victim was stopped and resumed from its checkpoint: at least once after its first evaluation, and it never
+    # started over from step 0 once a checkpoint existed
+    log = RunDir(victim.run_dir).log_path.read_text()
     resumed = [int(m) for m in re.findall(r'resuming .* at step (\d+)', log)]
-    assert log.count('=== ') == 3 and len(resumed) == 2 and 20 <= resumed[0] < 150 <= resumed[1] < 300, log[-3000:]
+    assert resumed and all(20 <= k < 300 for k in resumed) and resumed == sorted(resumed), log[-3000:]
+    # and it ends as a run that was never interrupted (same thread count as the job: one CPU)
+    ref = tmp_path/'ref'; (tmp_path/'ref.yaml').write_text(victim.cfg.to_yaml())
+    r = subprocess.run([sys.executable, '-m', 'dmstudy.cli', 'run', str(tmp_path/'ref.yaml'), '--run-dir', str(ref), '--quiet'],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _rows(victim.run_dir) == _rows(ref)
     # the results, and a launch that finds everything done
     rc, out, err = main('collect', 'smoke', '--root', root, '--out', tmp_path/'results')
     assert rc == 0, err

@@ -1,5 +1,5 @@
-"Sweeps across processes: the smoke sweep through papermill, collect, idempotence, kill and resume, early errors."
-import contextlib, io, json, os, signal, subprocess, sys, time
+"Sweeps across processes: the smoke sweep through papermill, collect, idempotence, kill and resume, signals, early errors."
+import contextlib, io, json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import yaml
@@ -30,9 +30,37 @@ def write_sweep(path, grid, **base) -> Path:
 
 
 def metrics_rows(run_dir) -> list:
-    "metrics.jsonl without its wall-clock fields."
-    rows = [json.loads(l) for l in (Path(run_dir)/'metrics.jsonl').read_text().splitlines() if l.strip()]
-    return [{k: v for k, v in r.items() if k not in ('wall_time', 'eval_time')} for r in rows]
+    "A run's metrics rows without their wall-clock fields."
+    from dmstudy.rundir import RunDir
+    return [{k: v for k, v in r.items() if k not in ('wall_time', 'eval_time')} for r in RunDir(run_dir).read_metrics()]
+
+
+def descendants(pid:int) -> list:
+    "(pid, command line) of every live descendant of a process, from /proc."
+    kids = {}
+    for d in Path('/proc').glob('[0-9]*'):
+        try: ppid = int((d/'stat').read_text().rsplit(')', 1)[1].split()[1]); kids.setdefault(ppid, []).append(int(d.name))
+        except (OSError, IndexError, ValueError): pass
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            try: out.append((k, (Path('/proc')/str(k)/'cmdline').read_bytes().replace(b'\0', b' ').decode())); todo.append(k)
+            except OSError: pass
+    return out
+
+
+def alive(pid:int) -> bool:
+    try: stat = (Path('/proc')/str(pid)/'stat').read_text()
+    except OSError: return False
+    return stat.rsplit(')', 1)[1].split()[0] != 'Z'
+
+
+def wait_until(cond, what, timeout=300, proc=None):
+    t0 = time.time()
+    while not cond():
+        assert proc is None or proc.poll() is None, f"the launcher ended before {what}: {proc.stdout.read() if proc.stdout else ''}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.05)
 
 
 def injected(nb_path) -> str:
@@ -56,15 +84,18 @@ def test_smoke_sweep_runs_two_cells_through_papermill(smoke):
     root, r, secs = smoke
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'smoke: 2 cells, 2 to run (local)' in r.stdout and 'smoke: 2 done, 0 failed' in r.stdout, r.stdout
-    from dmstudy.train import read_status
+    from dmstudy.rundir import RunDir
     spans = []
     for n in (16, 32):
         d = root/'smoke'/f'n{n}_micro_b8_lr1e-3_s0'
-        assert read_status(d) == 'done'
+        # progress: a line as each cell starts, saying where its log and notebook are, and one as it ends, with its speed
+        assert re.search(rf'\[\d ended, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: started; log {re.escape(str(RunDir(d).log_path))}, notebook', r.stdout), r.stdout
+        assert re.search(rf'\[\d ended, \d running, \d left\] n{n}_micro_b8_lr1e-3_s0: done \(\d+ s, [\d.e+]+ steps/s\)', r.stdout), r.stdout
+        assert RunDir(d).status == 'done'
         src = injected(d/'run.ipynb')
         assert f'n_train = {n}' in src and 'seed = 0' in src and 'sweep = "smoke"' in src and f'run_dir = "{d.resolve()}"' in src, src
         assert [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
-        assert (d/'samples'/'step_0000060.png').exists() and (d/'ckpt'/'latest.pt').exists()
+        assert RunDir(d).sample_steps() == [20, 43, 60] and RunDir(d).ckpt_path.exists()
         assert 'Executing notebook with kernel: python3' in (d/'log.txt').read_text()
         meta = json.loads((d/'run.ipynb').read_text())['metadata']['papermill']
         assert meta['exception'] is None
@@ -86,7 +117,8 @@ def test_collect_writes_what_analysis_reads(smoke, tmp_path):
     import pandas as pd
     s = pd.read_csv(tmp_path/'smoke_summary.csv')
     assert list(s.status) == ['done', 'done'] and len(s) == 2
-    assert (tmp_path/'smoke'/'n16_micro_b8_lr1e-3_s0'/'step_0000060.png').exists()
+    from dmstudy.rundir import RunDir
+    assert (tmp_path/'smoke'/'n16_micro_b8_lr1e-3_s0'/RunDir(root).sample_path(60).name).exists()
     rc, out, _ = main('status', 'smoke', '--root', root)
     assert rc == 0 and out.count(' done ') == 2 and 'n32_micro_b8_lr1e-3_s0' in out, out
 
@@ -113,7 +145,8 @@ def test_failed_cell_says_why_and_waits_for_retry(tmp_path):
     sw = write_sweep(tmp_path/'npz.yaml', {'n_train': [16]}, dataset='npz', data_path=str(data))
     d = tmp_path/'runs'/'npz'/'n16_micro_b8_lr1e-3_s0'
     rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
-    st = (d/'status').read_text()
+    from dmstudy.rundir import RunDir
+    st = RunDir(d).status
     assert rc == 1 and st.startswith('failed: FileNotFoundError') and 'digits.npz' in st, (out, st)
     rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
     assert rc == 1 and '1 cells, 0 to run' in out and '(use --retry to run it again)' in out, out
@@ -121,7 +154,7 @@ def test_failed_cell_says_why_and_waits_for_retry(tmp_path):
     np.savez(data, train_images=tx, train_labels=ty, test_images=vx, test_labels=vy)
     rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs', '--retry', '-p', 'show', 'False')
     assert rc == 0 and '1 cells, 1 to run' in out, out
-    assert (d/'status').read_text().strip() == 'done' and [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
+    assert RunDir(d).status == 'done' and [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
     assert 'show = False' in injected(d/'run.ipynb')
 
 
@@ -150,45 +183,46 @@ def test_papermill_alone_stops_at_a_misspelled_parameter(tmp_path):
 
 
 def test_killed_cell_resumes_and_ends_identical(tmp_path):
-    """A cell killed (SIGKILL to its launcher, papermill and kernel) after its first checkpoint is `stopped`; while it ran, a
-    second launch left it alone; the next launch resumes it, and it ends bitwise equal to a cell that was never interrupted."""
+    """A cell killed (SIGKILL to its launcher, papermill and kernel) after its first checkpoint is `interrupted`; while it
+    ran, a second launch left it alone; the next launch resumes it, and it ends bitwise equal to a cell that was never
+    interrupted."""
     import torch
-    from dmstudy.sweep import launch, is_locked, sweep_status
-    from dmstudy.train import read_status
+    from dmstudy.sweep import plan_sweep, run_sweep, sweep_status
+    from dmstudy.rundir import RunDir
     sw = write_sweep(tmp_path/'kill.yaml', {'n_train': [16]}, steps=150, eval_steps=[20, 150])
     cell = 'n16_micro_b8_lr1e-3_s0'
     a, b = tmp_path/'a', tmp_path/'b'
     cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', 'sweep', str(sw), '-p', 'show', 'False']
     ref = subprocess.Popen(cmd + ['--root', str(a)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = subprocess.Popen(cmd + ['--root', str(b)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    d = b/'kill'/cell
+    d = b/'kill'/cell; rd = RunDir(d)
     try:
         t0 = time.time()
-        while not is_locked(d):
+        while not rd.locked():
             assert victim.poll() is None and time.time() - t0 < 300, 'the cell never started'
             time.sleep(0.05)
         # a second launch while the cell runs leaves it alone
-        rep = launch(sw, root=b, params={'show': False}, log=lambda s: None)
+        rep = run_sweep(plan_sweep(sw, root=b, params={'show': False}), log=lambda s: None)
         assert [r['outcome'] for r in rep] == ['busy'], rep
-        while not (d/'ckpt'/'latest.pt').exists():
+        while not rd.ckpt_path.exists():
             assert victim.poll() is None and time.time() - t0 < 300, 'the cell ended before its first checkpoint'
             time.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
     finally:
         victim.wait()
-    assert read_status(d) == 'running'
-    assert torch.load(d/'ckpt'/'latest.pt', weights_only=True)['step'] < 150, 'the kill came after the end of training'
+    assert rd.status == 'running'
+    assert rd.load_checkpoint()['step'] < 150, 'the kill came after the end of training'
     t0 = time.time()
-    while is_locked(d):  # the kernel notices its parent is gone within a second and exits
+    while rd.locked():  # the kernel notices its parent is gone within a second and exits
         assert time.time() - t0 < 10; time.sleep(0.1)
-    assert sweep_status(sw, root=b).status.tolist() == ['stopped']
+    assert sweep_status(sw, root=b).status.tolist() == ['interrupted']
     r = dmstudy_cmd('sweep', sw, '-p', 'show', 'False', '--root', b)
     assert r.returncode == 0 and '1 cells, 1 to run' in r.stdout, r.stdout + r.stderr
     assert 'resuming' in (d/'log.txt').read_text()
     assert ref.wait(300) == 0, ref.stdout.read()
-    assert read_status(d) == read_status(a/'kill'/cell) == 'done'
+    assert rd.status == RunDir(a/'kill'/cell).status == 'done'
     assert metrics_rows(d) == metrics_rows(a/'kill'/cell)
-    s1, s2 = (torch.load(x/'ckpt'/'latest.pt', weights_only=True) for x in (d, a/'kill'/cell))
+    s1, s2 = (RunDir(x).load_checkpoint() for x in (d, a/'kill'/cell))
     for k in ('model', 'ema'):
         assert s1[k].keys() == s2[k].keys() and all(torch.equal(s1[k][n], s2[k][n]) for n in s1[k]), k
     for i, st in s1['opt']['state'].items():
@@ -207,3 +241,58 @@ def test_template_ships_with_the_package_and_is_skipped_by_nbdev_test():
     assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
     assert nb_test_cells(p) == []  # front matter `skip_exec: true`: nbdev-test runs none of its cells
     assert {'sweep', 'config', 'run_dir', 'n_train', 'lr', 'batch_size', 'unet', 'seed', 'steps'} <= set(template_parameters())
+
+
+def test_killed_kernel_is_interrupted_and_resumed_without_retry(tmp_path):
+    """A cell whose kernel is killed with SIGKILL (as the OOM killer does) ends `interrupted`, not `failed`: the next
+    launch runs it again without --retry, and it resumes from its checkpoint to the end."""
+    from dmstudy.rundir import RunDir
+    sw = write_sweep(tmp_path/'oom.yaml', {'n_train': [16]}, steps=300, eval_steps=[20, 150, 300])
+    rd = RunDir(tmp_path/'runs'/'oom'/'n16_micro_b8_lr1e-3_s0')
+    cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', 'sweep', str(sw), '-p', 'show', 'False', '--root', str(tmp_path/'runs')]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: rd.ckpt_path.exists(), 'first checkpoint', proc=p)
+        kernels = [pid for pid, c in descendants(p.pid) if 'ipykernel' in c]
+        assert len(kernels) == 1, descendants(p.pid)
+        os.kill(kernels[0], signal.SIGKILL)
+        out, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None: p.kill()
+    assert p.returncode == 1 and '0 failed, 1 interrupted' in out, out
+    assert rd.status == 'running' and rd.state == 'interrupted', rd.status
+    r = dmstudy_cmd('sweep', sw, '-p', 'show', 'False', '--root', tmp_path/'runs')
+    assert r.returncode == 0 and '1 cells, 1 to run' in r.stdout, r.stdout + r.stderr
+    assert rd.status == 'done' and 'resuming' in rd.log_path.read_text()
+    assert [m['step'] for m in metrics_rows(rd.path)] == [20, 150, 300]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_the_sweep_at_a_checkpoint(tmp_path, sig):
+    """SIGTERM (or Ctrl-C's SIGINT) to the launcher alone: the running cell is stopped at a checkpoint (its status says so,
+    and no process of it is left), the cell not yet started is not started, every cell is reported, the launcher
+    says what happened in one line without a traceback and exits non-zero; the next launch finishes both cells."""
+    from dmstudy.rundir import RunDir
+    sw = write_sweep(tmp_path/'sig.yaml', {'n_train': [16, 32]}, steps=300, eval_steps=[20, 150, 300])
+    first, second = (RunDir(tmp_path/'runs'/'sig'/f'n{n}_micro_b8_lr1e-3_s0') for n in (16, 32))
+    cmd = [sys.executable, '-c', 'import sys; from dmstudy.cli import main; sys.exit(main())', 'sweep', str(sw), '-p', 'show', 'False', '--root', str(tmp_path/'runs')]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: first.ckpt_path.exists() and 'ipykernel' in ' '.join(c for _, c in descendants(p.pid)), 'first checkpoint', proc=p)
+        procs = [pid for pid, _ in descendants(p.pid)]
+        p.send_signal(sig)
+        out, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None: p.kill()
+    assert p.returncode != 0 and 'Traceback' not in out, out
+    name = signal.Signals(sig).name
+    assert re.search(rf'sig: stopped by {name}: 1 cell\(s\) stopped at a checkpoint, 1 not started; rerun the same command to resume\.', out), out
+    assert 'n16_micro_b8_lr1e-3_s0: interrupted' in out and 'n32_micro_b8_lr1e-3_s0: not started' in out, out
+    step = first.load_checkpoint()['step']
+    assert first.status == f'stopped: SIGTERM at step {step} (resumable)' and second.status == 'new', (first.status, second.status)
+    t0 = time.time()
+    while any(alive(q) for q in procs):  # papermill and the kernel are gone
+        assert time.time() - t0 < 10, [(q, alive(q)) for q in procs]; time.sleep(0.1)
+    r = dmstudy_cmd('sweep', sw, '-p', 'show', 'False', '--root', tmp_path/'runs')
+    assert r.returncode == 0 and '2 cells, 2 to run' in r.stdout, r.stdout + r.stderr
+    assert first.status == second.status == 'done' and f'resuming {first.path} at step {step}' in first.log_path.read_text()
