@@ -441,5 +441,6 @@ d = { 'settings': { 'branch': 'main',
                               'dmstudy.unet.build_unet': ('unet.html#build_unet', 'dmstudy/unet.py'),
                               'dmstudy.unet.count_params': ('unet.html#count_params', 'dmstudy/unet.py'),
                               'dmstudy.unet.group_norm': ('unet.html#group_norm', 'dmstudy/unet.py'),
+                              'dmstudy.unet.norm_silu': ('unet.html#norm_silu', 'dmstudy/unet.py'),
                               'dmstudy.unet.sinusoidal_features': ('unet.html#sinusoidal_features', 'dmstudy/unet.py'),
                               'dmstudy.unet.unet_flops': ('unet.html#unet_flops', 'dmstudy/unet.py')}}}
