@@ -67,33 +67,43 @@ def main(argv=None):
     dev = torch.device(a.device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         sys.exit('No CUDA device is visible: run bench/gpu.sh on a machine with a GPU, or set DMSTUDY_BENCH_DEVICE=cpu to try it here.')
+    if dev.type == 'cpu': torch.set_num_threads(1)  # a dry run on a shared CPU: one thread is the fastest
     t0 = time.time(); left = lambda: a.budget - (time.time() - t0)
     log = lambda s: print(f'[{time.time() - t0:5.0f} s] {s}', flush=True)
     if a.quick: presets, batches, rounds, steps, ev = ['micro'], [4], 1, 1, dict(preset='paper-3m', n=16, steps=2, batch=8, fraction=1.)
     else: presets, batches, rounds, steps, ev = ['paper-3m', 'paper-26m', 'paper-93m'], [16, 128], 3, 10, dict(preset='paper-93m', n=5120, steps=250, batch=512, fraction=0.1)
     peak = speed.matmul_peak(dev, torch.bfloat16, n=8192 if dev.type == 'cuda' else 512, reps=20 if dev.type == 'cuda' else 2)
     log(f'bf16 matmul peak: {peak:.3g} TFLOP/s')
-    rows, skipped, notes = [], [], []
-    stages = [('eager', p_, b, EAGER) for p_ in presets for b in batches]
+    rows, skipped, done = [], [], []
+    state = dict(cli=[], evaluation=None)
+    def report():  # written after every stage: a run stopped by the time limit keeps what it measured
+        md = summary(rows, state, presets, batches, peak, dev, rounds, steps, t0, skipped, done)
+        (ROOT/'bench'/'gpu_results.json').write_text(json.dumps(dict(rows=rows, **state), indent=1, default=str) + '\n')
+        write_results(md); return md
+    stages = [('eager', p_, b, EAGER) for p_ in presets for b in batches] + [('evaluation',), ('cli',)]
     if not a.no_compile:  # the goals first: the small model at B=16 (launch-bound), the big one at B=128 (compute-bound)
         order = sorted([(p_, b) for p_ in presets for b in batches], key=lambda pb: (pb not in (('paper-3m', 16), ('paper-93m', 128)), pb))
         stages += [('compiled', p_, b, COMPILED + ['diffusers eager']) for p_, b in order]
-    for kind, preset, batch, names in stages:
-        if left() < 60: skipped.append(f'{kind} {preset} B={batch}'); continue
-        r, loads = speed.run([preset], [batch], {k: speed.GPU_VARIANTS[k] for k in names}, dev, rounds, steps, 2, torch.get_num_threads(),
+    for st in stages:
+        name = ' '.join(map(str, st[:3]))
+        if left() < (30 if st[0] in ('evaluation', 'cli') else 90): skipped.append(name); continue
+        if st[0] == 'evaluation': state['evaluation'] = paper_eval(ev['preset'], dev, ev['n'], ev['steps'], ev['batch'], ev['fraction'], log)
+        elif st[0] == 'cli': state['cli'] = cli_bench(presets[0], batches[0], dev, steps, 1, log)
+        else:
+            kind, preset, batch, names = st
+            r, _ = speed.run([preset], [batch], {k: speed.GPU_VARIANTS[k] for k in names}, dev, rounds, steps, 2, torch.get_num_threads(),
                              lambda *_: False, log=log)
-        for x in r:
-            x['frac_bf16_peak'] = x['train_tflop_s']/peak
-            if kind == 'compiled' and x['variant'] == 'diffusers eager': continue  # timed again only as the ratios' peer
-            rows.append(x)
-    cli = []
-    if left() > 60: cli = cli_bench(presets[0], batches[0], dev, steps, 1, log)
-    else: skipped.append('dmstudy bench')
-    evaluation = None
-    if left() > 30: evaluation = paper_eval(ev['preset'], dev, ev['n'], ev['steps'], ev['batch'], ev['fraction'], log)
-    else: skipped.append('paper-protocol evaluation')
-    # goals
-    get = lambda p_, b, v: next((x for x in rows if (x['preset'], x['batch'], x['variant']) == (p_, b, v)), None)
+            for x in r:
+                x['frac_bf16_peak'] = x['train_tflop_s']/peak
+                if kind == 'compiled' and x['variant'] == 'diffusers eager': continue  # timed again only as the ratios' peer
+                rows.append(x)
+        done.append(name); report()
+    md = report(); print(md)
+    log(f"wrote {ROOT/'bench'/'RESULTS.md'}")
+
+def summary(rows, state, presets, batches, peak, dev, rounds, steps, t0, skipped, done):
+    "The GPU section of RESULTS.md: the table, the goals, `dmstudy bench`'s rows and the evaluation's wall time."
+    notes = []
     best16 = max((x for x in rows if x['preset'] == presets[0] and x['batch'] == batches[0] and 'diffusers' not in x['variant']),
                  key=lambda x: x['train_img_s'], default=None)
     big = max((x for x in rows if x['preset'] == presets[-1] and x['batch'] == batches[-1] and 'diffusers' not in x['variant']),
@@ -104,20 +114,18 @@ def main(argv=None):
     meta = {'date (UTC)': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
             'device': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{dev} (a dry run of the code path, not a GPU measurement)',
             'torch': torch.__version__, 'measured bf16 matmul peak (TFLOP/s)': f'{peak:.4g}', 'rounds × steps': f'{rounds} × {steps}',
-            'wall time (s)': round(time.time() - t0), 'skipped for the time budget': ', '.join(skipped) or 'nothing'}
+            'wall time so far (s)': round(time.time() - t0), 'stages done': ', '.join(done) or 'none',
+            'skipped for the time budget': ', '.join(skipped) or 'nothing'}
     md = '## GPU\n\nProduced by `bash bench/gpu.sh`.\n\n' + speed.markdown(rows, meta)
     if notes: md += '\nGoals:\n\n' + '\n'.join(f'- {n}' for n in notes) + '\n'
-    if cli:
+    if state['cli']:
         md += '\n`dmstudy bench` (bf16, channels_last, compile):\n\n' + '\n'.join(
-            f"- {c.get('model', c.get('preset'))}: " + (c['error'] if 'error' in c else f"{c['train_img_s']:,.0f} train img/s, {c['sample_img_s']:,.0f} sample img/s, peak {c['peak_mem_mb']:,.0f} MiB") for c in cli) + '\n'
-    if evaluation:
-        e = evaluation
+            f"- {c.get('model', c.get('preset'))}: " + (c['error'] if 'error' in c else f"{c['train_img_s']:,.0f} train img/s, {c['sample_img_s']:,.0f} sample img/s, peak {c['peak_mem_mb']:,.0f} MiB") for c in state['cli']) + '\n'
+    if state['evaluation']:
+        e = state['evaluation']; ap = '≈ ' if e['extrapolated'] else ''
         md += (f"\nPaper-protocol evaluation of `{e['preset']}`: {e['samples']:,} samples × {e['euler_steps']} Euler steps (bf16, batches of {e['batch']}) "
-               f"{'≈ ' if e['extrapolated'] else ''}{e['sampling_s']:.1f} s"
-               f"{' (extrapolated from ' + format(e['timed_samples'], ',') + ' samples timed)' if e['extrapolated'] else ''}, "
-               f"and their memorization search against {e['nn_reference']:,} images {e['nn_s']:.1f} s: {'≈ ' if e['extrapolated'] else ''}{e['total_s']:.1f} s in all.\n")
-    (ROOT/'bench'/'gpu_results.json').write_text(json.dumps(dict(meta=meta, rows=rows, cli=cli, evaluation=evaluation), indent=1, default=str) + '\n')
-    print(md)
-    log(f'wrote {write_results(md)}')
+               f"{ap}{e['sampling_s']:.1f} s" + (f" (extrapolated from {e['timed_samples']:,} samples timed)" if e['extrapolated'] else '') +
+               f", and their memorization search against {e['nn_reference']:,} images {e['nn_s']:.1f} s: {ap}{e['total_s']:.1f} s in all.\n")
+    return md
 
 if __name__ == '__main__': main()
