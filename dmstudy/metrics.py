@@ -68,14 +68,18 @@ def nearest_neighbors(samples:torch.Tensor, # Query images [n, C, H, W] (uint8 o
     c = min(len(R), k + spare)
     dists, idxs = [], []
     for s0 in range(0, len(samples), chunk):
-        S = as_rows(samples[s0:s0 + chunk]).to(dev); sn = (S*S).sum(1)
-        best_v = torch.empty(len(S), 0, device=dev); best_i = torch.empty(len(S), 0, dtype=torch.long, device=dev)
+        S = as_rows(samples[s0:s0 + chunk]).to(dev)
+        best_v = best_i = None
         for r0 in range(0, len(R), ref_chunk):
-            d2 = sn[:, None] - 2*S @ R[r0:r0 + ref_chunk].T + rn[None, r0:r0 + ref_chunk]
-            v, i = d2.topk(min(c, d2.shape[1]), dim=1, largest=False)
-            best_v, j = torch.cat([best_v, v], 1).topk(min(c, best_v.shape[1] + v.shape[1]), dim=1, largest=False)
-            best_i = torch.cat([best_i, i + r0], 1).gather(1, j)
-        # exact distances of the candidates, in float64, from the original values
+            score = torch.addmm(rn[None, r0:r0 + ref_chunk], S, R[r0:r0 + ref_chunk].T, alpha=-2)  # ‖a−b‖² − ‖a‖²
+            v, i = score.topk(min(c, score.shape[1]), dim=1, largest=False, sorted=False)
+            i += r0
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], 1).topk(min(c, best_v.shape[1] + v.shape[1]), dim=1, largest=False, sorted=False)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_v, best_i = v, i
+        # exact distances of the candidates, in float64, from the original values; ties go to the lower index
+        best_i = best_i.sort(dim=1).values
         q = as_rows(samples[s0:s0 + chunk], torch.float64).to(dev)
         d = torch.stack([(q - as_rows(ref[best_i[:, j]], torch.float64)).norm(dim=1) for j in range(best_i.shape[1])], 1)
         d, o = d.sort(dim=1, stable=True)

@@ -328,24 +328,47 @@ class _DiffusersAdapter(torch.nn.Module):
     def __init__(self, m, num_classes): super().__init__(); self.m, self.num_classes = m, num_classes
     def forward(self, x, c_noise, y=None): return self.m(x, c_noise, class_labels=y).sample
 
-def diffusers_like(preset:str, image_shape:tuple, num_classes:int=10, device='cpu'):
+def _diffusers_unet(preset, image_shape, num_classes, c, groups, device):
+    from diffusers import UNet2DModel
+    from dmstudy.unet import UNET_PRESETS
+    kw, (C, H, W), levels = UNET_PRESETS[preset], image_shape, len(UNET_PRESETS[preset]['channel_mult'])
+    with torch.device(device):
+        return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, layers_per_block=kw['num_res_blocks'],
+            block_out_channels=tuple(c * m for m in kw['channel_mult']), norm_num_groups=groups,
+            down_block_types=tuple('AttnDownBlock2D' if i in kw['attn_levels'] else 'DownBlock2D' for i in range(levels)),
+            up_block_types=tuple('AttnUpBlock2D' if i in kw['attn_levels'] else 'UpBlock2D' for i in reversed(range(levels))),
+            attention_head_dim=kw.get('head_dim') or None, num_class_embeds=num_classes if kw.get('class_cond') else None)
+
+_WIDTHS = {}  # (preset, image_shape, num_classes): (width, groups), found once per process
+
+def _diffusers_width(preset, image_shape, num_classes):
+    "The (width, groups) whose parameter count is closest to the preset's: a bisection per group count (counts grow with width)."
+    key = (preset, tuple(image_shape), num_classes)
+    if key in _WIDTHS: return _WIDTHS[key]
+    from dmstudy.unet import UNET_PRESETS
+    target = count_params(build_unet(RunConfig(unet=preset), image_shape, num_classes, device='meta'))
+    n = lambda c, g: count_params(_diffusers_unet(preset, image_shape, num_classes, c, g, 'meta'))
+    best = None
+    for g in (4, 8, 32):
+        lo, hi = 1, 8 * UNET_PRESETS[preset]['channels'] // g  # widths g·lo … g·hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if n(g * mid, g) < target: lo = mid + 1
+            else: hi = mid
+        for c in sorted({g * max(1, lo - 1), g * lo}):
+            if best is None or abs(n(c, g) - target) < best[0]: best = (abs(n(c, g) - target), c, g)
+    _WIDTHS[key] = best[1:]
+    return best[1:]
+
+def diffusers_like(preset:str, # dmstudy U-Net preset to match
+                   image_shape:tuple, # (C, H, W) of the data
+                   num_classes:int=10, # Classes (used when the preset is class-conditional)
+                   device='cpu'): # Device to build on
     "A `diffusers.UNet2DModel` shaped like a dmstudy preset, width chosen to match its parameter count."
     from dmstudy.unet import UNET_PRESETS
-    from diffusers import UNet2DModel
-    kw, (C, H, W) = UNET_PRESETS[preset], image_shape
-    cond = num_classes if kw.get('class_cond') else None
-    target = count_params(build_unet(RunConfig(unet=preset), image_shape, num_classes, device='meta'))
-    levels = len(kw['channel_mult'])
-    def make(c, groups, dev):
-        with torch.device(dev):
-            return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, layers_per_block=kw['num_res_blocks'],
-                block_out_channels=tuple(c * m for m in kw['channel_mult']), norm_num_groups=groups,
-                down_block_types=tuple('AttnDownBlock2D' if i in kw['attn_levels'] else 'DownBlock2D' for i in range(levels)),
-                up_block_types=tuple('AttnUpBlock2D' if i in kw['attn_levels'] else 'UpBlock2D' for i in reversed(range(levels))),
-                attention_head_dim=kw.get('head_dim') or None, num_class_embeds=cond)
-    cands = [(c, g) for g in (4, 8, 32) for c in range(g, 8 * kw['channels'] + 1, g)]
-    best = min(cands, key=lambda cg: abs(count_params(make(*cg, 'meta')) - target) if cg[0] >= cg[1] else float('inf'))
-    return _DiffusersAdapter(make(*best, device), num_classes if cond else 0)
+    cond = UNET_PRESETS[preset].get('class_cond')
+    m = _diffusers_unet(preset, image_shape, num_classes, *_diffusers_width(preset, image_shape, num_classes), device)
+    return _DiffusersAdapter(m, num_classes if cond else 0)
 
 # %% ../nbs/05_train.ipynb #f99a09e5
 def _sync(device):
@@ -386,7 +409,7 @@ def benchmark(preset:str='cpu-16', # dmstudy U-Net preset
               diffusers:bool=True, # Also time a comparable `diffusers.UNet2DModel` (if installed)
               **switches, # RunConfig speed switches: bf16, channels_last, compile, compile_mode, fused_adam
              ) -> list:
-    "Training images/s, steps/s, sampling images/s per network evaluation, peak memory and TFLOP/s, as table rows."
+    "Training images/s, steps/s, sampling images/s per network evaluation, peak memory, TFLOP/s and the machine's load, as table rows."
     import resource
     from dmstudy.unet import unet_flops
     if image_shape is None: image_shape = (1, 16, 16) if preset in ('cpu-16', 'micro') else (3, 32, 32)
@@ -413,7 +436,8 @@ def benchmark(preset:str='cpu-16', # dmstudy U-Net preset
         rows.append({'model': name, 'params': count_params(m), 'device': str(dev), 'batch': batch_size,
                      'train_steps_s': 1 / tr, 'train_img_s': batch_size / tr, 'sample_img_s': batch_size / sa,
                      'peak_mem_mb': peak[name], 'fwd_gflop_per_img': flops / 1e9,
-                     'train_tflop_s': 3 * flops * batch_size / tr / 1e12, **{k: v for k, v in switches.items()}})
+                     'train_tflop_s': 3 * flops * batch_size / tr / 1e12, 'threads': torch.get_num_threads(),
+                     'load_avg_1min': os.getloadavg()[0], **{k: v for k, v in switches.items()}})
     if len(rows) == 2:
         for k in ('train_img_s', 'sample_img_s'): rows[0][f'{k}_vs_diffusers'] = rows[0][k] / rows[1][k]
     return rows

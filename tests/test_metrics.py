@@ -299,3 +299,28 @@ def test_evaluate_keys_counts_and_determinism():
     with pytest.raises(ValueError, match='10 samples need 10 labels, got 3'): M.evaluate(net, obj, split, cfg, noise, labels=torch.zeros(3, dtype=torch.long))
     assert M.evaluate(net, obj, split, cfg.with_updates(metrics=('loss',)), noise[:0]).keys() == {'loss/train', 'loss/test'}
     with pytest.raises(ValueError, match='sample set is empty'): M.generate(net, obj, noise[:0])
+
+
+def test_nearest_neighbors_agree_with_brute_force_for_any_blocks():
+    "Near-ties that float32's ‖b‖²−2ab cannot order, exact duplicates, any block sizes: float64 brute force's answer."
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randint(1, 255, (300, 3, 8, 8), dtype=torch.uint8, generator=g)
+    ref[150:160] = ref[:10]  # exact duplicates
+    twin = ref[20:60].clone(); twin[:, 0, 0, 0] += 1  # one grey level apart from ref[20:60]
+    ref = torch.cat([ref, twin])  # indices 300..339
+    # queries between each image and its twin, 1e-4 nearer the twin: squared distances differ by ~2e-6, under float32's ulp
+    mid = to_model_space(ref[20:60]).double(); mid[:, 0, 0, 0] += 1/255 + 1e-4
+    samples = torch.cat([mid, to_model_space(ref[:10]).double(), torch.rand(30, 3, 8, 8, generator=g, dtype=torch.float64)*2 - 1])
+    X, Q = (ref.double()/127.5 - 1).flatten(1).numpy(), samples.flatten(1).numpy()  # model space, exactly
+    full = np.linalg.norm(Q[:, None] - X[None], axis=2) / math.sqrt(3*8*8)  # differences first: exact even for tiny distances
+    order = np.argsort(full, axis=1, kind='stable')[:, :3]; dist = np.take_along_axis(full, order, 1)
+    _, ind = NearestNeighbors(n_neighbors=3, algorithm='brute').fit(X).kneighbors(Q)
+    s = np.sort(full, axis=1)[:, :4]; untied = np.all(np.diff(s, axis=1) > 1e-6, axis=1) & (np.arange(len(Q)) >= 50)
+    assert untied.sum() > 20 and (ind[untied] == order[untied]).all()  # the two brute-force references agree where nothing is tied
+    for chunk, ref_chunk in ((1024, 16384), (7, 1), (13, 33), (80, 340)):
+        d, i = M.nearest_neighbors(samples, ref, k=3, chunk=chunk, ref_chunk=ref_chunk)
+        np.testing.assert_allclose(d.numpy(), dist, atol=1e-12)
+        np.testing.assert_array_equal(i.numpy(), order)  # near-ties ordered exactly, exact ties by index
+        assert (i[:40, :2] == torch.stack([torch.arange(300, 340), torch.arange(20, 60)], 1)).all()
+        assert (i[40:50, :2] == torch.stack([torch.arange(10), torch.arange(150, 160)], 1)).all()  # exact ties: lower index first
