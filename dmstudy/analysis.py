@@ -13,18 +13,19 @@ __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'FIDELITY_MET
            'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
-import functools, json, math, os, warnings
-from dataclasses import dataclass, fields
+import functools, math, os, warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np, pandas as pd
 from scipy import stats
 import torch
-from PIL import Image
 from .config import RunConfig, cell_id
+from .data import NUM_CLASSES, model_image_shape
+from .metrics import wilson_interval
 
 # %% ../nbs/06_analysis.ipynb #842f5a4b
-from .rundir import RunDir, eval_schedule, image_grid, grid_tiles  # the grids are re-exported for plots and report
+from .rundir import RunDir, eval_schedule
 
 # %% ../nbs/06_analysis.ipynb #fdc1bf21
 def _synthetic_images(n:int, c:int, side:int, rng) -> np.ndarray:
@@ -35,11 +36,6 @@ def _synthetic_images(n:int, c:int, side:int, rng) -> np.ndarray:
         cx, cy = rng.uniform(0.15, 0.85, (2, n, 1, 1, 1)); r = rng.uniform(0.1, 0.3, (n, 1, 1, 1))
         out += rng.uniform(0.3, 1.0, (n, c, 1, 1)) * np.exp(-((xx - cx)**2 + (yy - cy)**2) / (2 * r**2))
     return np.clip(out / out.max(axis=(1, 2, 3), keepdims=True), 0, 1)
-
-def _wilson(k, n, z=1.96):
-    "Wilson score interval of a binomial proportion."
-    p = k / n; d = 1 + z**2 / n; c = (p + z**2 / (2*n)) / d; h = z * np.sqrt(p*(1-p)/n + z**2/(4*n**2)) / d
-    return np.clip(c - h, 0, 1), np.clip(c + h, 0, 1)
 
 def synthetic_run(path, # The run directory to write (created; existing files are replaced)
                   onset:float|None=3000, # Step at which memorization begins; `None`: the run never memorizes
@@ -64,7 +60,7 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
         for sp, sign, nz in (('train', -1, noise * t4()), ('test', 1, noise/3 * rng.standard_normal(m))):
             cols[f'loss_t/{lv}/{sp}'] = f * base * np.exp(sign * f * gap / 2 + nz)
     mem = np.zeros(m) if onset is None else np.clip(mem_rate * (x - math.log10(onset) - 0.25), 0, 1)
-    k = rng.binomial(cfg.n_samples, mem); lo, hi = _wilson(k, cfg.n_samples)
+    k = rng.binomial(cfg.n_samples, mem); lo, hi = wilson_interval(k, cfg.n_samples)
     if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / cfg.n_samples, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
     if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(cfg.n_samples, np.clip(1.1 * mem, 0, 1)) / cfg.n_samples
     if 'nn_dist' in cfg.metrics:
@@ -105,8 +101,6 @@ def find_runs(paths) -> list:
     return [r.path for r in RunDir.find(paths)]
 
 # %% ../nbs/06_analysis.ipynb #bda45732
-_NATIVE = {'cifar10': (3, 32, 10), 'fashion-mnist': (1, 28, 10), 'digits': (1, 8, 10), 'gaussian': (1, 8, 1)}  # C, side, classes
-
 @functools.lru_cache(maxsize=128)
 def _preset_params(key:tuple) -> float:
     try: from dmstudy.unet import build_unet, UNET_PRESETS
@@ -114,11 +108,10 @@ def _preset_params(key:tuple) -> float:
     d = dict(key); pre = UNET_PRESETS.get(d['unet'])
     if pre is None: return math.nan
     if isinstance(pre, dict) and pre.get('params'): return float(pre['params'])
-    c, side, ncls = _NATIVE.get(d['dataset'], (None, None, 10))
-    c, side = d['channels'] or c, d['image_size'] or side
-    if c is None or side is None: return math.nan
+    cfg = RunConfig.from_dict(d); shape = model_image_shape(cfg)
+    if shape is None: return math.nan
     try:
-        with torch.device('meta'): net = build_unet(RunConfig.from_dict(d), (c, side, side), ncls)
+        with torch.device('meta'): net = build_unet(cfg, shape, NUM_CLASSES[cfg.dataset])
         return float(sum(p.numel() for p in net.parameters()))
     except Exception as e:
         warnings.warn(f"Could not count the parameters of U-Net preset {d['unet']!r} ({e}); params is NaN.")

@@ -17,7 +17,6 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'INCEPTION_NAME', 'FEATURE_CACHE_S
            'generate', 'evaluate', 'sample_metrics', 'wilson_interval']
 
 # %% ../nbs/04_metrics.ipynb #e641a333
-from .compat import ensure_torchvision
 import hashlib, io, math, os, warnings
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -9,7 +9,7 @@ __all__ = ['PANELS', 'DASHES', 'value_label', 'log_ticks', 'panels', 'sample_ste
            'last_samples', 'training_images', 'nearest_neighbours', 'scaling_plot']
 
 # %% ../nbs/07_plots.ipynb #527334c8
-import math, os, re
+import math, os
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
@@ -17,10 +17,12 @@ import matplotlib.ticker as mticker
 import seaborn as sns
 import torch
 from PIL import Image
-from .config import RunConfig, fmt_lr
+from .config import fmt_lr
 from .data import load_split, from_model_space
 from .metrics import nearest_neighbors
-from .analysis import AXES, MEM_METRICS, ScalingFit, _NATIVE, grid_tiles, image_grid, normalized_step, scaling_fit
+from .analysis import AXES, MEM_METRICS, ScalingFit, normalized_step, scaling_fit
+from .data import model_image_shape
+from .rundir import RunDir, image_grid
 
 # %% ../nbs/07_plots.ipynb #48897398
 PANELS = (('Loss', ('loss',)), ('Memorization score', MEM_METRICS), ('Sliced Wasserstein', ('sw', 'sw_pixel')), ('FID', ('fid', 'kid')))
@@ -86,16 +88,16 @@ def panels(df:pd.DataFrame, # Tidy table of the runs of a sweep (`load_runs`, `r
 
 # %% ../nbs/07_plots.ipynb #4532e20c
 def sample_steps(run_dir) -> list:
-    "The steps at which a run saved a sample grid (`samples/step_XXXXXXX.png`)."
-    d = Path(run_dir)/'samples'
-    if not d.is_dir(): raise FileNotFoundError(f"{run_dir} has no samples/ folder; the run has not saved any sample grid yet.")
-    return sorted(int(m.group(1)) for p in d.glob('step_*.png') if (m := re.fullmatch(r'step_(\d+)\.png', p.name)))
+    "The steps at which a run saved a sample grid."
+    s = RunDir(run_dir).sample_steps()
+    if not s: raise FileNotFoundError(f"{run_dir} holds no sample grid yet; the run saves one at each evaluation.")
+    return s
 
 def image_side(run_dir, grid_width:int|None=None, nrow:int=8, padding:int=2) -> int:
     "Side of the images of a run's sample grids: from its config, else from the grid width."
-    cfg = RunConfig.from_json(Path(run_dir)/'config.json') if (Path(run_dir)/'config.json').exists() else None
-    if cfg is not None and cfg.image_size: return cfg.image_size
-    if cfg is not None and cfg.dataset in _NATIVE: return _NATIVE[cfg.dataset][1]
+    rd = RunDir(run_dir)
+    shape = model_image_shape(rd.read_config()) if rd.exists() else None
+    if shape: return shape[1]
     if grid_width is None: raise ValueError(f"Cannot tell the image size of {run_dir}; pass side=.")
     return (grid_width - padding) // nrow - padding
 
@@ -106,14 +108,13 @@ def strip_array(run_dir, # A run directory
                ) -> tuple: # (uint8 RGB image [rows, cols, 3], the steps shown)
     "The first `n` fixed-noise samples of a run at several steps, one row per sample and one column per step."
     have = np.array(sample_steps(run_dir))
-    if not len(have): raise FileNotFoundError(f"{run_dir}/samples holds no step_XXXXXXX.png grid yet.")
     if steps is None or isinstance(steps, (int, np.integer)):
         steps = have[np.unique(np.round(np.linspace(0, len(have) - 1, min(steps or 6, len(have)))).astype(int))]
     steps = [int(have[np.argmin(np.abs(np.log(have) - math.log(max(s, 1))))]) for s in np.atleast_1d(steps)]
-    cols = []
+    rd, cols = RunDir(run_dir), []
     for s in steps:
-        g = np.asarray(Image.open(Path(run_dir)/'samples'/f'step_{s:07d}.png').convert('RGB'))
-        cols.append(grid_tiles(g, side or image_side(run_dir, g.shape[1]), n))
+        side = side or image_side(run_dir, Image.open(rd.sample_path(s)).width)
+        cols.append(rd.read_samples(s, side, n))
     n = min(len(c) for c in cols)
     tiles = np.stack([c[:n] for c in cols], 1).reshape(n * len(steps), *cols[0].shape[1:])  # row-major: sample, step
     return image_grid(tiles.transpose(0, 3, 1, 2), nrow=len(steps)), steps
@@ -145,17 +146,15 @@ def last_samples(run_dir, # A run directory (or a copy holding `config.json` and
                  n:int|None=None, # Samples to keep (the first n); `None`: all
                 ) -> np.ndarray: # uint8 [n, C, H, W]
     "The samples of a run's last saved grid."
-    s = sample_steps(run_dir)
-    if not s: raise FileNotFoundError(f"{run_dir}/samples holds no step_XXXXXXX.png grid yet.")
-    g = np.asarray(Image.open(Path(run_dir)/'samples'/f'step_{s[-1]:07d}.png').convert('RGB'))
-    t = grid_tiles(g, image_side(run_dir, g.shape[1]), n)
-    cfg = RunConfig.from_json(Path(run_dir)/'config.json')
-    c = cfg.channels or (3 if cfg.dataset == 'cifar10' else 1)
+    rd = RunDir(run_dir); s = sample_steps(run_dir)[-1]
+    t = rd.read_samples(s, image_side(run_dir, Image.open(rd.sample_path(s)).width), n)
+    cfg = rd.read_config()
+    c = cfg.channels or (model_image_shape(cfg) or (3,))[0]
     return np.ascontiguousarray(t[..., :c].transpose(0, 3, 1, 2))
 
 def training_images(run_dir) -> torch.Tensor:
     "The training images of a run, uint8 [N, C, H, W], loaded from its config on the CPU (never downloaded)."
-    cfg = RunConfig.from_json(Path(run_dir)/'config.json')
+    cfg = RunDir(run_dir).read_config()
     return load_split(cfg.with_updates(device='cpu', download=False, n_eval=min(cfg.n_eval, 16)), device='cpu').train_images
 
 def _uint8(x) -> torch.Tensor:

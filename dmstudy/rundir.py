@@ -17,8 +17,7 @@ import fcntl
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .compat import ensure_torchvision
-from .config import RunConfig
+from .config import RunConfig, load_torch_file
 
 # %% ../nbs/00b_rundir.ipynb #ad1f43f9
 def eval_schedule(cfg:RunConfig) -> list:
@@ -65,7 +64,6 @@ def image_grid(images, # uint8 images [n, C, H, W] (NumPy array or tensor)
                padding:int=2, # Pixels between and around the images
               ) -> np.ndarray: # uint8 [H', W', 3]
     "An RGB grid of images, laid out by `torchvision.utils.make_grid`."
-    ensure_torchvision()  # torchvision's Python side imports even where its compiled ops do not load
     from torchvision.utils import make_grid
     t = torch.as_tensor(np.asarray(images.cpu() if torch.is_tensor(images) else images))
     if t.ndim != 4 or t.dtype != torch.uint8: raise ValueError(f"image_grid needs uint8 images [n, C, H, W], got {t.dtype} of shape {tuple(t.shape)}.")
@@ -110,6 +108,8 @@ class RunDir:
 
     @property
     def config_path(self) -> Path: return self.path/'config.json'
+    @property
+    def source_path(self) -> Path: return self.path/'data.json'
     @property
     def metrics_path(self) -> Path: return self.path/'metrics.jsonl'
     @property
@@ -156,6 +156,16 @@ def read_config(self:RunDir) -> RunConfig:
 def write_config(self:RunDir, cfg:RunConfig):
     "Write the run's config (atomically)."
     atomic_write(self.config_path, lambda f: f.write(cfg.to_json() + '\n'))
+
+@patch
+def write_source(self:RunDir, source:dict):
+    "Write what the run's data is (`data.json`: a description, and whether the files are the official ones)."
+    atomic_write(self.source_path, lambda f: f.write(json.dumps(source) + '\n'))
+
+@patch
+def read_source(self:RunDir) -> dict|None:
+    "What the run's data is, as `write_source` wrote it; `None` for a run that predates it."
+    return json.loads(self.source_path.read_text()) if self.source_path.exists() else None
 
 @patch
 def check_config(self:RunDir, cfg:RunConfig):
@@ -349,11 +359,7 @@ def save_checkpoint(self:RunDir, state:dict, step:int|None=None):
 @patch
 def load_checkpoint(self:RunDir, path=None, map_location='cpu') -> dict:
     "Load `ckpt/latest.pt` (or `path`) with `weights_only=True`; a damaged file is named in one sentence."
-    p = Path(path or self.ckpt_path)
-    try: return torch.load(p, map_location=map_location, weights_only=True)
-    except FileNotFoundError: raise
-    except Exception as e:
-        raise ValueError(f"{p} is not a readable checkpoint ({type(e).__name__}); move it aside and resume from a snapshot, or start over with --restart.") from None
+    return load_torch_file(path or self.ckpt_path, 'checkpoint', 'move it aside and resume from a snapshot, or start over with --restart', map_location)
 
 # %% ../nbs/00b_rundir.ipynb #737eb20e
 @patch

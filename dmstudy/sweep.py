@@ -6,21 +6,21 @@ Docs: https://dmstudy.github.io/dmstudy/sweep.html.md"""
 
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIELDS', 'TEMPLATE_OPTIONS', 'FINISHED', 'HEADLINE',
-           'check_fields', 'Sweep', 'sweeps_dir', 'list_sweeps', 'sweep_from_dict', 'load_sweep', 'Cell', 'sweep_cells',
-           'select_cells', 'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
+           'Sweep', 'sweeps_dir', 'list_sweeps', 'sweep_from_dict', 'load_sweep', 'Cell', 'sweep_cells', 'select_cells',
+           'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
            'notebook_error', 'execute_cell', 'run_cells', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job',
            'submit_slurm', 'wait_slurm', 'cell_cost', 'dry_run_table', 'SweepPlan', 'plan_sweep', 'plan_table',
            'run_sweep', 'submit_sweep', 'wait_sweep', 'sweep_runs', 'sweep_status', 'collect']
 
 # %% ../nbs/08_sweep.ipynb #26b1013f
-import difflib, fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
+import fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 import pandas as pd, yaml
-from .config import RunConfig, cell_id, run_dir_for, runs_root
+from .config import RunConfig, cell_id, check_fields, closest, coerce_field, run_dir_for, runs_root
 from .rundir import RunDir, LOCK_ENV, atomic_write, eval_schedule, state_kind
 
 # %% ../nbs/08_sweep.ipynb #6d216f11
@@ -29,25 +29,7 @@ RESOURCE_KEYS = ('gpus', 'cpus', 'mem_gb', 'time_min', 'partition', 'array_paral
 NORMALIZE = {'n_train': 'N', 'batch_size': 'B', 'lr': 'lr'}  # sweep axis → the factor's name in `dmstudy.analysis`
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
 
-def _closest(name, options) -> str:
-    m = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.0)
-    return m[0] if m else ''
 
-def _coerce(name:str, value):
-    "YAML and command-line values as RunConfig expects them: `1e-4` (a string to YAML) a float, `1e5` steps an int, lists tuples."
-    t = str(RunConfig.__dataclass_fields__[name].type)
-    if isinstance(value, str) and 'float' in t:
-        try: return float(value)
-        except ValueError: pass
-    if isinstance(value, int) and not isinstance(value, bool) and t.startswith('float'): return float(value)
-    if isinstance(value, float) and t.startswith('int') and value.is_integer(): return int(value)  # `1e5` steps
-    return tuple(value) if isinstance(value, list) else value
-
-def check_fields(d:dict, where:str) -> dict:
-    "Refuse keys that are not `RunConfig` fields, naming the closest one; return the values coerced."
-    for k in d:
-        if k not in CONFIG_FIELDS: raise ValueError(f"Unknown RunConfig field {k!r} in {where}; did you mean {_closest(k, CONFIG_FIELDS)!r}?")
-    return {k: _coerce(k, v) for k, v in d.items()}
 
 # %% ../nbs/08_sweep.ipynb #fd525b06
 @dataclass
@@ -97,15 +79,15 @@ def sweep_from_dict(d:dict, # A parsed sweep file
     where = Path(source).name if source else f'sweep {name!r}'
     if not isinstance(d, dict): raise ValueError(f"{where} must be a YAML mapping with at least `base` and `grid`.")
     for k in d:
-        if k not in SWEEP_KEYS: raise ValueError(f"Unknown key {k!r} in {where}; did you mean {_closest(k, SWEEP_KEYS)!r}? (keys: {', '.join(SWEEP_KEYS)})")
+        if k not in SWEEP_KEYS: raise ValueError(f"Unknown key {k!r} in {where}; did you mean {closest(k, SWEEP_KEYS)!r}? (keys: {', '.join(SWEEP_KEYS)})")
     if 'grid' not in d: raise ValueError(f"{where} has no `grid`; add e.g. `grid: {{n_train: [2048, 4096]}}`.")
     base = check_fields(d.get('base') or {}, f'the base of {where}')
     points = _grid_points(d['grid'], where)
     for p in points:
         for k in p:
-            if k not in CONFIG_FIELDS: raise ValueError(f"Unknown sweep axis {k!r} in {where}; did you mean {_closest(k, CONFIG_FIELDS)!r}?")
+            if k not in CONFIG_FIELDS: raise ValueError(f"Unknown sweep axis {k!r} in {where}; did you mean {closest(k, CONFIG_FIELDS)!r}?")
             if k == 'seed': raise ValueError(f"{where} sweeps `seed` as an axis; list the seeds under `seeds:` instead.")
-    points = [{k: _coerce(k, v) for k, v in p.items()} for p in points]
+    points = [{k: coerce_field(k, v, f'the grid of {where}') for k, v in p.items()} for p in points]
     seeds = d.get('seeds', [0])
     seeds = tuple(seeds) if isinstance(seeds, list) else (seeds,)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds): raise ValueError(f"`seeds` in {where} must be a list of integers, got {d.get('seeds')!r}.")
@@ -113,7 +95,7 @@ def sweep_from_dict(d:dict, # A parsed sweep file
     if norm is not None and norm not in NORMALIZE: raise ValueError(f"`normalize: {norm}` in {where} is not one of {list(NORMALIZE)} or null.")
     res = d.get('resources') or {}
     for k in res:
-        if k not in RESOURCE_KEYS: raise ValueError(f"Unknown resource {k!r} in {where}; did you mean {_closest(k, RESOURCE_KEYS)!r}? (resources: {', '.join(RESOURCE_KEYS)})")
+        if k not in RESOURCE_KEYS: raise ValueError(f"Unknown resource {k!r} in {where}; did you mean {closest(k, RESOURCE_KEYS)!r}? (resources: {', '.join(RESOURCE_KEYS)})")
     return Sweep(name, base, points, seeds, norm, dict(res), d.get('description', ''), str(source) if source else None)
 
 def load_sweep(name_or_path) -> Sweep:
@@ -199,7 +181,7 @@ def check_parameters(names, template=None, params:dict|None=None):
     ps = params if params is not None else template_parameters(template)
     for k in names:
         if k not in ps: raise ValueError(f"Unknown parameter {k!r}: {Path(template or template_path()).name} has no parameter of that name; "
-                                         f"did you mean {_closest(k, ps)!r}? (parameters: {', '.join(ps)})")
+                                         f"did you mean {closest(k, ps)!r}? (parameters: {', '.join(ps)})")
 
 def cell_parameters(cell:Cell, # The cell
                     sweep:Sweep, # Its sweep
@@ -478,8 +460,6 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
     return [out[i] for i in range(len(jobs))]
 
 # %% ../nbs/08_sweep.ipynb #054b468d
-_NATIVE = {'cifar10': (3, 32), 'fashion-mnist': (1, 28), 'digits': (1, 8), 'gaussian': (1, 8)}  # channels, side
-
 @functools.lru_cache(maxsize=64)
 def _model_cost(unet:str, shape:tuple, class_cond, dropout) -> tuple:
     from dmstudy.unet import build_unet, count_params, unet_flops
@@ -491,14 +471,15 @@ def cell_cost(cfg:RunConfig, # The cell's config
               tflops:float|None=None, # Or the achieved training TFLOP/s (e.g. from `dmstudy bench`), scaled by each model's FLOPs
              ) -> dict:
     "What a run costs: parameters, forward GFLOP per image, steps, images seen, evaluations, sampling network evaluations, hours."
-    c, side = _NATIVE.get(cfg.dataset, (None, None))
-    c, side = cfg.channels or c, cfg.image_size or side
-    params, gflop = _model_cost(cfg.unet, (c, side, side), cfg.class_cond, cfg.dropout) if c and side else (math.nan, math.nan)
+    from dmstudy.data import model_image_shape
+    from dmstudy.diffusion import sampling_steps
+    shape = model_image_shape(cfg)
+    params, gflop = _model_cost(cfg.unet, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
     evals = len(eval_schedule(cfg))
     gen = max(cfg.n_samples, cfg.sample_grid)
     if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
     if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or cfg.n_eval)
-    nfe = cfg.sample_steps or (250 if cfg.objective == 'rf' else 100 if cfg.sampler in (None, 'ddim') else cfg.ddpm_T)
+    nfe = sampling_steps(cfg)
     out = {'params': params, 'gflop': gflop, 'steps': cfg.steps, 'images': cfg.steps * cfg.batch_size, 'evals': evals,
            'sample_nfe': evals * gen * nfe}
     # training an image costs a forward and a backward pass (about 3 forwards); a sampling step costs one forward
@@ -597,6 +578,10 @@ def run_sweep(plan:SweepPlan, # A plan of `plan_sweep`
               log=print, # Where progress lines go
              ) -> list: # One report per cell of the plan (see `execute_cell`), in order
     "Run a plan's cells here, `jobs` at a time; SIGTERM or Ctrl-C stops the running cells at a checkpoint."
+    from dmstudy.unet import preflight
+    for cfg, cid in {c.cfg: c.cell_id for c, _ in plan.todo}.items():  # config, data and model of each cell, before any runs
+        try: preflight(cfg)
+        except (ValueError, KeyError, FileNotFoundError) as e: raise type(e)(f"Cell {cid}: {e.args[0] if e.args else e}") from None
     _announce(plan, 'local', log)
     res = plan.resources
     ran, signum = run_cells(plan.todo, jobs, plan.retry, plan.template, gpus=int(res.get('gpus') or 0), cpus=int(res.get('cpus') or 0), log=log) if plan.todo else ([], None)

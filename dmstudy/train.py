@@ -9,7 +9,7 @@ __all__ = ['IndexSampler', 'ema_decay_at', 'ema_update', 'make_optimizer', 'lr_a
            'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
 
 # %% ../nbs/05_train.ipynb #c6e2aac4
-import copy, math, signal, sys, time
+import copy, math, os, signal, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +214,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         if rd.status != 'done': rd.write_status('done')
         return RunResult(rd.path, 'done', step, last, params)
     rd.write_config(cfg)
+    if split.source is not None: rd.write_source(split.source)  # e.g. CIFAR-10 files that are not the official ones say so
     rd.write_status('running')
     fwd = prepare_model(model, cfg, device)
     conditional = getattr(model, 'num_classes', 0) > 0
@@ -331,7 +332,7 @@ class _DiffusersAdapter(torch.nn.Module):
 def _diffusers_unet(preset, image_shape, num_classes, c, groups, device):
     from diffusers import UNet2DModel
     from dmstudy.unet import UNET_PRESETS
-    kw, (C, H, W), levels = UNET_PRESETS[preset], image_shape, len(UNET_PRESETS[preset]['channel_mult'])
+    kw, (C, H, _), levels = UNET_PRESETS[preset], image_shape, len(UNET_PRESETS[preset]['channel_mult'])
     with torch.device(device):
         return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, layers_per_block=kw['num_res_blocks'],
             block_out_channels=tuple(c * m for m in kw['channel_mult']), norm_num_groups=groups,

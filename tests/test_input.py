@@ -199,3 +199,18 @@ def test_read_only_run_directory(tmp_path):
     finally:
         if os.geteuid() == 0 and shutil.which('chattr'): subprocess.run(['chattr', '-i', str(d)], capture_output=True)
         os.chmod(d, 0o755)
+
+
+def test_run_names_unofficial_cifar10_files(tmp_path):
+    "A run on CIFAR-10-format files that are not the official ones records so in its data.json, and still runs."
+    import json
+    from dmstudy.config import RunConfig
+    from dmstudy.data import write_cifar10_like
+    from dmstudy.train import train
+    write_cifar10_like(tmp_path/'data', n_per_batch=8, n_test=8)
+    cfg = RunConfig(dataset='cifar10', data_root=str(tmp_path/'data'), n_train=16, n_eval=8, image_size=None, unet='micro', steps=2,
+                    eval_steps=(2,), metrics=('loss',), loss_eval_n=8, sample_grid=4, n_samples=4, device='cpu')
+    r = train(cfg, tmp_path/'run', quiet=True)
+    assert r.status == 'done'
+    src = json.loads((tmp_path/'run'/'data.json').read_text())
+    assert src['official'] is False and 'not the official files' in src['data'], src

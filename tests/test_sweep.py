@@ -127,13 +127,10 @@ def test_second_launch_runs_nothing(smoke):
     root, _, _ = smoke
     nbs = sorted(root.glob('smoke/*/run.ipynb'))
     before = [p.stat().st_mtime_ns for p in nbs]
-    t0 = time.time()
     r = dmstudy_cmd('sweep', 'smoke', '--jobs', 2, '--root', root)
-    secs = time.time() - t0
     assert r.returncode == 0 and '2 cells, 0 to run' in r.stdout and r.stdout.count('skipped, done') == 2, r.stdout + r.stderr
     assert [p.stat().st_mtime_ns for p in nbs] == before
-    assert secs < 30, f'a launch with nothing to do took {secs:.1f} s'
-    print(f'second launch: {secs:.1f} s')
+    assert not any(p.name.startswith('.') and '.tmp' in p.name for p in root.rglob('*'))  # nothing half-written left
 
 
 def test_failed_cell_says_why_and_waits_for_retry(tmp_path):
