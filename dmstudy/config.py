@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import get_args, get_origin
 import numpy as np
 import torch, yaml
+from fastcore.basics import patch
 
 # %% ../nbs/00_config.ipynb #96ee318b
 @dataclass(frozen=True)
@@ -217,7 +218,9 @@ def check_fields(d:dict, # Field: value pairs from a sweep file, a command line 
 
 
 # %% ../nbs/00_config.ipynb #6a0e7251
-def _from_dict(cls, d:dict|None=None, **kw) -> RunConfig:
+@patch(cls_method=True)
+def from_dict(cls:RunConfig, d:dict|None=None, # Field: value pairs
+              **kw) -> RunConfig: # More fields, overriding `d`'s
     "Build a `RunConfig` from a dict, refusing unknown keys."
     if d is not None and not isinstance(d, dict): raise ValueError(f"A config must be a mapping of RunConfig fields to values, got {type(d).__name__} {d!r}.")
     d = {**(d or {}), **kw}
@@ -226,11 +229,13 @@ def _from_dict(cls, d:dict|None=None, **kw) -> RunConfig:
         if k not in names: raise KeyError(f"Unknown RunConfig key {k!r}; did you mean {closest(k, names)!r}?")
     return cls(**d)
 
-def _to_dict(self) -> dict:
+@patch
+def to_dict(self:RunConfig) -> dict:
     "Plain-data dict (tuples as lists), ready for JSON or YAML."
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
-def _to_json(self, path=None) -> str:
+@patch
+def to_json(self:RunConfig, path=None) -> str: # Also write the JSON to this file
     "The config as JSON text; also written to `path` when given."
     s = json.dumps(self.to_dict(), indent=1, sort_keys=False)
     if path is not None: atomic_write_text(path, s + '\n')
@@ -250,7 +255,8 @@ def _looks_like_text(s:str) -> bool:
     try: return not Path(s).is_file() and Path(s).suffix not in ('.yaml', '.yml', '.json')
     except OSError: return True  # too long to be a path
 
-def _from_json(cls, s_or_path) -> RunConfig:
+@patch(cls_method=True)
+def from_json(cls:RunConfig, s_or_path) -> RunConfig: # JSON text or the path of a .json file
     "Read a config from JSON text or a `.json` file."
     s, name = _text_or_file(s_or_path, lambda s: s.lstrip().startswith('{'))
     try: d = json.loads(s)
@@ -258,11 +264,13 @@ def _from_json(cls, s_or_path) -> RunConfig:
     if not isinstance(d, dict): raise ValueError(f"{name} must hold a JSON object of RunConfig fields, got {type(d).__name__}.")
     return cls.from_dict(d)
 
-def _to_yaml(self) -> str:
+@patch
+def to_yaml(self:RunConfig) -> str:
     "The config as YAML text."
     return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-def _from_yaml(cls, s_or_path) -> RunConfig:
+@patch(cls_method=True)
+def from_yaml(cls:RunConfig, s_or_path) -> RunConfig: # YAML text or the path of a .yaml file
     "Read a config from YAML text or a `.yaml` file."
     s, name = _text_or_file(s_or_path, _looks_like_text)
     try: d = yaml.safe_load(s)
@@ -273,14 +281,10 @@ def _from_yaml(cls, s_or_path) -> RunConfig:
     if not isinstance(d, dict): raise ValueError(f"{name} must be a YAML mapping of RunConfig fields (`lr: 1.0e-4`, one per line), got a {type(d).__name__}.")
     return cls.from_dict(d)
 
-def _with_updates(self, **kw) -> RunConfig:
+@patch
+def with_updates(self:RunConfig, **kw) -> RunConfig: # The fields to change
     "A copy with the given fields changed (unknown names are refused)."
     return type(self).from_dict({**asdict(self), **kw})
-
-RunConfig.from_dict = classmethod(_from_dict)
-RunConfig.from_json = classmethod(_from_json)
-RunConfig.from_yaml = classmethod(_from_yaml)
-RunConfig.to_dict, RunConfig.to_json, RunConfig.to_yaml, RunConfig.with_updates = _to_dict, _to_json, _to_yaml, _with_updates
 
 # %% ../nbs/00_config.ipynb #0babc8f4
 def atomic_write_text(path, text:str):

@@ -24,10 +24,10 @@ from pathlib import Path
 import importlib.util, zipfile
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
+from .config import RunConfig  # first: importing dmstudy applies its torchvision guard before torch_fidelity loads torchvision
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-from .config import RunConfig
 from .data import Split, to_model_space, from_model_space
 
 # %% ../nbs/04_metrics.ipynb #8d2d5e45

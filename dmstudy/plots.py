@@ -96,7 +96,7 @@ def sample_steps(run_dir) -> list:
 def image_side(run_dir, grid_width:int|None=None, nrow:int=8, padding:int=2) -> int:
     "Side of the images of a run's sample grids: from its config, else from the grid width."
     rd = RunDir(run_dir)
-    shape = model_image_shape(rd.read_config()) if rd.exists() else None
+    shape = model_image_shape(rd.read_config()) if rd.exists else None
     if shape: return shape[1]
     if grid_width is None: raise ValueError(f"Cannot tell the image size of {run_dir}; pass side=.")
     return (grid_width - padding) // nrow - padding
