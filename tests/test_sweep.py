@@ -134,21 +134,25 @@ def test_second_launch_runs_nothing(smoke):
 
 
 def test_failed_cell_says_why_and_waits_for_retry(tmp_path):
-    """A cell whose notebook stops before training ends `failed: <the error>` (exit code 1); later launches skip it, still
-    exiting 1, until `--retry` runs it again — here after its missing data file was written — to the end."""
+    """A cell whose data file is missing stops the launch before any run directory exists (one sentence naming the file,
+    exit code 2). A cell that failed (status `failed: <the error>`, as `train` writes it) is skipped by later launches,
+    which still exit 1, until `--retry` runs it again to the end."""
     import numpy as np
     from dmstudy.data import load_digits_arrays
+    from dmstudy.rundir import RunDir
     data = tmp_path/'digits.npz'
     sw = write_sweep(tmp_path/'npz.yaml', {'n_train': [16]}, dataset='npz', data_path=str(data))
     d = tmp_path/'runs'/'npz'/'n16_micro_b8_lr1e-3_s0'
-    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
-    from dmstudy.rundir import RunDir
-    st = RunDir(d).status
-    assert rc == 1 and st.startswith('failed: FileNotFoundError') and 'digits.npz' in st, (out, st)
-    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
-    assert rc == 1 and '1 cells, 0 to run' in out and '(use --retry to run it again)' in out, out
+    r = dmstudy_cmd('sweep', sw, '--root', tmp_path/'runs')
+    assert r.returncode == 2 and 'digits.npz' in r.stderr and 'Traceback' not in r.stderr, r.stdout + r.stderr
+    assert not d.exists()
     tx, ty, vx, vy, _ = load_digits_arrays()
     np.savez(data, train_images=tx, train_labels=ty, test_images=vx, test_labels=vy)
+    d.mkdir(parents=True); rd = RunDir(d)
+    from dmstudy.sweep import sweep_cells
+    rd.write_config(sweep_cells(sw, tmp_path/'runs')[0].cfg); rd.write_status('failed: FileNotFoundError: digits.npz was missing')
+    rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs')
+    assert rc == 1 and '1 cells, 0 to run' in out and '(use --retry to run it again)' in out, out
     rc, out, _ = main('sweep', sw, '--root', tmp_path/'runs', '--retry', '-p', 'show', 'False')
     assert rc == 0 and '1 cells, 1 to run' in out, out
     assert RunDir(d).status == 'done' and [m['step'] for m in metrics_rows(d)] == [20, 43, 60]
