@@ -45,6 +45,8 @@ class RunConfig:
     beta_start:float=1e-4 # First value of DDPM's linear beta schedule
     beta_end:float=0.02 # Last value of DDPM's linear beta schedule
     sampler:str|None=None # `euler` (rf), `ddpm` (ancestral) or `ddim`; `None`: `euler` for rf, `ddim` for ddpm
+    guidance:float=0.0 # Classifier-free guidance weight w: sample with (1+w)·D(x, y) − w·D(x, ∅); 0: the conditional model alone (how dmstudy reads the paper's "guidance weight 0")
+    label_dropout:float=0.0 # Probability that a training label is replaced by the null class (classifier-free guidance training; needs a class-conditional model)
     sample_steps:int|None=25 # Sampling steps (25: quick on a CPU; the paper sweeps set 250); `None`: the objective's own, 250 for rf (the paper), 100 for DDIM, `ddpm_T` for ancestral
     # --- optimisation (time is counted in optimizer steps)
     steps:int=1000 # Total optimizer steps
@@ -62,11 +64,12 @@ class RunConfig:
     # --- evaluation schedule
     eval_first:int=100 # First evaluation step
     eval_per_decade:int=8 # Log-spaced evaluation points per decade of steps (the final step is always evaluated)
+    eval_every:int|None=None # Also evaluate every this many steps (the paper plots a point about every 1,000 steps early on); `None`: the log schedule alone
     eval_steps:tuple[int, ...]=() # Explicit evaluation steps; overrides the log schedule when given
     snapshot_steps:tuple[int, ...]=() # Steps at which to keep a copy of the checkpoint (`ckpt/step_XXXXXXX.pt`)
     # --- metrics
-    metrics:tuple[str, ...]=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel') # Metrics to compute: `loss`, `loss_t`, `mem_frac`, `nn_dist`, `copy_score`, `sw`, `sw_pixel`, `fid`, `kid`
-    n_samples:int=128 # Generated samples per evaluation (memorization fraction, copy score, nearest distances)
+    metrics:tuple[str, ...]=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel') # Metrics to compute: `loss`, `loss_t`, `mem_frac`, `nn_dist`, `copy_score`, `sw`, `sw_pixel`, `fid`, `kid`, `emp_denoiser` (distance to the closed-form empirical denoiser by noise level), `rel_dist` (Halder's relative distance)
+    n_samples:int|None=128 # Generated samples for the memorization fraction, copy score and nearest distances; `None`: N, one per training image (the paper's score is a multiple of 1/N)
     n_sw:int=128 # Samples for the sliced Wasserstein distance (the paper sweeps set its 2,000), capped by what is generated
     n_fid:int|None=None # Generated samples for FID/KID; `None`: as many as the reference split (the paper)
     sw_projections:int=500 # Random projections of the sliced Wasserstein distance
@@ -74,7 +77,8 @@ class RunConfig:
     copy_threshold:float=0.6 # Cosine-similarity threshold of the copy score (Marion & Wu)
     copy_space:str='sscd' # Feature space of the copy score: `sscd` or `inception`
     loss_levels:tuple[float, ...]=(0.02, 0.1, 0.3, 0.5, 0.7, 0.9) # Noise levels t in (0, 1) of the per-level loss (t=1 is pure noise)
-    loss_eval_n:int=512 # Test images (and repeated train draws) used for the evaluation loss
+    loss_eval_n:int|None=512 # Test images of the test loss (and of the per-level test losses); `None`: the whole evaluation set (the paper: 5,120)
+    loss_train_n:int|None=512 # Training images of the train loss, in index order and repeated when N is smaller; `None`: one batch of `batch_size` (the paper)
     eval_batch_size:int=256 # Batch size of evaluation sampling and feature extraction
     sample_grid:int=64 # Images in the sample grid saved at each evaluation
     sscd_path:str|None=None # SSCD TorchScript file; `None`: `$DMSTUDY_SSCD` or the torch hub cache
@@ -98,14 +102,16 @@ _CHOICES = dict(dataset=('cifar10', 'fashion-mnist', 'digits', 'gaussian', 'npz'
                 resize=('pad', 'resize'), objective=('rf', 'ddpm'), sampler=(None, 'euler', 'ddpm', 'ddim'),
                 optimizer=('adam', 'sgd'), eval_model=('ema', 'raw'), copy_space=('sscd', 'inception'),
                 compile_mode=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'))
-METRICS = ('loss', 'loss_t', 'mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid')
+METRICS = ('loss', 'loss_t', 'mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid', 'emp_denoiser', 'rel_dist')
 _RANGES = [  # (fields, test of one value, what the value must be)
     (('n_train',), lambda v: v >= 2, 'at least 2 (the memorization ratio compares the two nearest training images)'),
-    (('steps', 'batch_size', 'n_eval', 'eval_first', 'eval_per_decade', 'n_samples', 'eval_batch_size', 'ddpm_T', 'n_sw',
-      'sw_projections', 'loss_eval_n', 'sample_grid'), lambda v: v >= 1, 'a positive integer'),
+    (('steps', 'batch_size', 'n_eval', 'eval_first', 'eval_per_decade', 'eval_batch_size', 'ddpm_T', 'n_sw',
+      'sw_projections', 'sample_grid'), lambda v: v >= 1, 'a positive integer'),
     (('warmup_steps',), lambda v: v >= 0, 'a non-negative integer'),
     (('seed',), lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'),
-    (('sample_steps', 'n_fid'), lambda v: v is None or v >= 1, 'a positive integer or null'),
+    (('sample_steps', 'n_fid', 'n_samples', 'loss_eval_n', 'loss_train_n', 'eval_every'), lambda v: v is None or v >= 1, 'a positive integer or null'),
+    (('guidance',), lambda v: v >= 0, 'non-negative (0: no guidance)'),
+    (('label_dropout',), lambda v: 0 <= v < 1, 'in [0, 1)'),
     (('image_size',), lambda v: v is None or v >= 2, 'an integer of at least 2, or null for the native size'),
     (('lr', 'gaussian_std'), lambda v: v > 0, 'positive'),
     (('grad_clip',), lambda v: v is None or v > 0, 'positive or null'),
