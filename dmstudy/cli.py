@@ -91,8 +91,8 @@ def cmd_bench(preset:str='cpu-16', # U-Net preset
               device:str='auto', # auto, cpu or cuda
               diffusers:bool=True, # Also time a comparable diffusers.UNet2DModel
               bf16:bool=False, # bf16 autocast (CUDA)
-              channels_last:bool=False, # channels_last memory format (CUDA)
-              compile:bool=False, # torch.compile the model (CUDA)
+              channels_last:bool=False, # channels_last memory format (GPU and CPU)
+              compile:bool=False, # torch.compile the model (GPU and CPU; minutes to compile cold on a CPU)
               out:str=None, # Write the table to this JSON file
              ) -> int:
     "Steady-state training and sampling speed of a U-Net preset on this machine, beside a comparable diffusers.UNet2DModel."

@@ -87,8 +87,8 @@ class RunConfig:
     seed:int=0 # The one seed of the run; data order, training noise and evaluation noise get separate generators
     device:str='auto' # `auto` (CUDA when present), `cpu` or `cuda[:k]`
     bf16:bool=False # bf16 autocast for the forward pass (CUDA only; a no-op on CPU)
-    channels_last:bool=False # channels_last memory format (CUDA only; a no-op on CPU)
-    compile:bool=False # `torch.compile` the model (CUDA only; a no-op on CPU)
+    channels_last:bool=False # channels_last (NHWC) memory format; faster convolutions on GPUs and on CPUs (oneDNN)
+    compile:bool=False # `torch.compile` the model; on a CPU the first compile takes minutes, then inductor's cache
     compile_mode:str='default' # `torch.compile` mode: `default`, `reduce-overhead` (CUDA graphs) or `max-autotune`
     fused_adam:bool=True # Fused Adam kernel where supported (CUDA)
 

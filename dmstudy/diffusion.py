@@ -256,10 +256,8 @@ class EmpiricalDenoiser(nn.Module):
 def prepare_model(model:nn.Module, # The network
                   cfg:RunConfig, # Reads `channels_last`, `compile` and `compile_mode`
                   device): # Target device
-    "Move `model` to `device` and apply the CUDA-only speed switches of `cfg`; returns the same module."
-    device = torch.device(device)
-    model = model.to(device)
-    if device.type != 'cuda': return model
+    "Move `model` to `device` and apply the speed switches `channels_last` and `compile` of `cfg`; returns the same module."
+    model = model.to(torch.device(device))
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
     if cfg.compile and hasattr(model, 'compile'): model.compile(mode=None if cfg.compile_mode == 'default' else cfg.compile_mode)
     return model
