@@ -8,9 +8,9 @@ Docs: https://dmstudy.github.io/dmstudy/analysis.html.md"""
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'FIDELITY_METRICS', 'N_MIN', 'B_MIN', 'LR_MIN', 'AXES',
            'synthetic_run', 'split_key', 'find_runs', 'unet_params', 'load_runs', 'as_run', 'series', 'has_metric',
-           'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem', 'mem_metric', 'mem_onset',
-           'Rate', 'memorization_rate', 'best_fidelity', 'double_descent', 'normalized_step', 'ScalingFit',
-           'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
+           'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem', 'tau_mem_by_level',
+           'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'best_fidelity', 'double_descent', 'normalized_step',
+           'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, math, os, warnings
@@ -252,6 +252,26 @@ def gap_fit(run, # One run (tidy rows or a run directory)
 def tau_mem(run, metric:str='loss', **kw) -> Onset|None:
     "Step at which the test loss begins to diverge from the train loss, as `Onset(step, lo, hi)`, or `None`."
     return gap_fit(run, metric, **kw)['tau']
+
+# %% ../nbs/06_analysis.ipynb #e9b3f6a1
+def _level(metric:str) -> float|None:
+    "The noise level of a per-level loss name (`loss_t/0.1` → 0.1), `None` for any other name."
+    try: return float(metric.split('/', 1)[1]) if metric.startswith('loss_t/') else None
+    except ValueError: return None
+
+def tau_mem_by_level(run, # One run (tidy rows or a run directory) with per-level losses `loss_t/<t>/train|test`
+                     **kw, # Settings of the τ_mem rule (see `gap_fit`)
+                    ) -> pd.DataFrame: # Columns `level`, `tau_mem`, `lo`, `hi`, one row per level, by level
+    "τ_mem at each noise level of the per-level losses, with its interval (NaN where the test loss does not leave the train loss)."
+    r = as_run(run)
+    lv = {m: _level(m) for m in r.metric.unique() if _level(m) is not None}
+    both = sorted((m for m in lv if {'train', 'test'} <= set(r.split[r.metric == m])), key=lv.get)
+    if not both: raise KeyError("The run has no per-level losses on both splits (loss_t/<t>/train and /test); train it with 'loss_t' in RunConfig.metrics.")
+    rows = []
+    for m in both:
+        o = tau_mem(r, m, **kw)
+        rows.append((lv[m], *((math.nan,) * 3 if o is None else tuple(o))))
+    return pd.DataFrame(rows, columns=['level', 'tau_mem', 'lo', 'hi'])
 
 # %% ../nbs/06_analysis.ipynb #68c19c25
 MEM_METRICS = ('copy_score', 'mem_frac')

@@ -23,6 +23,9 @@ from .unet import build_unet, count_params
 from .diffusion import make_objective, prepare_model, autocast
 from .metrics import evaluate
 
+# %% ../nbs/05_train.ipynb #a7c3e5b1
+from .probes import probe_metrics  # measures beyond metrics.evaluate, merged into each evaluation's row
+
 # %% ../nbs/05_train.ipynb #60f2fd61
 class IndexSampler:
     "Draw batches of indices in [0, n): successive random permutations, from one generator."
@@ -257,6 +260,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         finally:
             model.train()
             if ebar is not None: ebar.close()
+        m.update(probe_metrics(eval_model, objective, split, cfg, samples))  # emp_denoiser, rel_dist: when named in cfg.metrics
         nonfinite = [k for k, v in m.items() if k.startswith('loss') and isinstance(v, float) and not math.isfinite(v)]
         if nonfinite: return fail(f'non-finite {nonfinite[0]} at step {step}')
         loss_sum.zero_(); loss_n = 0
