@@ -41,13 +41,13 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
                   onset:float|None=3000, # Step at which memorization begins; `None`: the run never memorizes
                   noise:float=0.03, # Relative noise of the train loss (heavy-tailed); the test loss gets a third
                   seed:int=0, # Seed of the noise (also written as the config's seed)
-                  cfg:RunConfig|None=None, # The config to write; default: 100k steps, 16-image grids, FID and pixel SW
+                  cfg:RunConfig|None=None, # The config to write; default: 100k steps evaluated 8 times per decade, 16-image grids, FID and pixel SW
                   growth:float=0.5, # Growth of log(test/train loss) per decade of steps after the onset
                   mem_rate:float=0.5, # Rise of the memorization fraction per decade of steps once it starts
                   samples:bool=True, # Write the sample grids (PNG) too
                  ) -> Path:
     "Test and teaching fixture: write a realistic run directory whose memorization onset is known."
-    cfg = (cfg or RunConfig(steps=100_000, sample_grid=16, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel', 'fid'))).with_updates(seed=seed)
+    cfg = (cfg or RunConfig(steps=100_000, eval_per_decade=8, sample_grid=16, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel', 'fid'))).with_updates(seed=seed)
     path = Path(path); rd = RunDir(path)
     rng = np.random.default_rng([seed, 20260507])
     s = np.asarray(eval_schedule(cfg)); x = np.log10(s); m = len(s)
@@ -60,9 +60,10 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
         for sp, sign, nz in (('train', -1, noise * t4()), ('test', 1, noise/3 * rng.standard_normal(m))):
             cols[f'loss_t/{lv}/{sp}'] = f * base * np.exp(sign * f * gap / 2 + nz)
     mem = np.zeros(m) if onset is None else np.clip(mem_rate * (x - math.log10(onset) - 0.25), 0, 1)
-    k = rng.binomial(cfg.n_samples, mem); lo, hi = wilson_interval(k, cfg.n_samples)
-    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / cfg.n_samples, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
-    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(cfg.n_samples, np.clip(1.1 * mem, 0, 1)) / cfg.n_samples
+    ns = cfg.n_samples or cfg.n_train  # `None`: one sample per training image
+    k = rng.binomial(ns, mem); lo, hi = wilson_interval(k, ns)
+    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / ns, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
+    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(ns, np.clip(1.1 * mem, 0, 1)) / ns
     if 'nn_dist' in cfg.metrics:
         cols['nn_dist/train'] = 8 * (1 - 0.9 * mem) * np.exp(0.02 * rng.standard_normal(m)); cols['nn_dist/test'] = 8 * np.exp(0.02 * rng.standard_normal(m))
     bump = 0 if onset is None else 0.7 * np.exp(-(x - math.log10(onset) - 0.5)**2 / (2 * 0.25**2))

@@ -507,9 +507,9 @@ def cell_cost(cfg:RunConfig, # The cell's config
     shape = model_image_shape(cfg)
     params, gflop = _model_cost(cfg.unet, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
     evals = len(eval_schedule(cfg))
-    gen = max(cfg.n_samples, cfg.sample_grid)
+    gen = max(cfg.n_samples or cfg.n_train, cfg.sample_grid)  # `None`: one sample per training image
     if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
-    if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or cfg.n_eval)
+    if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or max(cfg.n_train, cfg.n_eval))  # `None`: as many as each reference split
     nfe = sampling_steps(cfg)
     out = {'params': params, 'gflop': gflop, 'steps': cfg.steps, 'images': cfg.steps * cfg.batch_size, 'evals': evals,
            'sample_nfe': evals * gen * nfe}
