@@ -676,8 +676,9 @@ def collect(sweep, # Sweep name or YAML path
             out='results', # Folder of the results
             samples:str='none', # Copy sample grids to `out/<sweep>/<cell_id>/`: `none`, `last` or `all`
            ) -> tuple:
-    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy) and `out/<sweep>_summary.csv`; returns both paths."
-    from dmstudy.analysis import load_runs, save_results, summarize
+    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy), `out/<sweep>_summary.csv` and the references' distances `out/<sweep>_splits.csv`; returns the first two paths."
+    import warnings
+    from dmstudy.analysis import load_runs, save_results, split_table, summarize
     if samples not in ('none', 'last', 'all'): raise ValueError(f"samples must be 'none', 'last' or 'all', got {samples!r}.")
     sw = load_sweep(sweep)
     runs = [d for d in sweep_runs(sw, root) if RunDir(d).last_metrics()]
@@ -692,6 +693,9 @@ def collect(sweep, # Sweep name or YAML path
     summ.insert(0, 'status', summ['run_dir'].map(status) if 'run_dir' in summ else None)
     csv = out/f'{sw.name}_summary.csv'
     atomic_write(csv, lambda f: summ.to_csv(f, index=False))
+    try: spl = split_table([RunDir(d).read_config() for d in runs])  # once per training subset: train split against test split
+    except (FileNotFoundError, ValueError, OSError) as e: warnings.warn(f"{sw.name}_splits.csv is not written: the references could not be compared ({e})")
+    else: atomic_write(out/f'{sw.name}_splits.csv', lambda f: spl.to_csv(f, index=False))
     if samples != 'none':
         for d in runs:
             rd = RunDir(d); steps = rd.sample_steps()
