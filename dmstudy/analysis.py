@@ -10,8 +10,9 @@ __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'COPY_SPACES'
            'AXES', 'synthetic_run', 'split_key', 'find_runs', 'unet_params', 'load_runs', 'as_run', 'series',
            'has_metric', 'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem',
            'tau_mem_by_level', 'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'mem_label', 'best_fidelity',
-           'double_descent', 'normalized_step', 'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize',
-           'save_results', 'read_results']
+           'double_descent', 'Ratio', 'trajectory_gain', 'level_gaps', 'level_concordance', 'split_distances',
+           'split_table', 'normalized_step', 'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize', 'save_results',
+           'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, math, os, warnings
@@ -42,13 +43,15 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
                   onset:float|None=3000, # Step at which memorization begins; `None`: the run never memorizes
                   noise:float=0.03, # Relative noise of the train loss (heavy-tailed); the test loss gets a third
                   seed:int=0, # Seed of the noise (also written as the config's seed)
-                  cfg:RunConfig|None=None, # The config to write; default: 100k steps, 16-image grids, FID and pixel SW
+                  cfg:RunConfig|None=None, # The config to write; default: 100k steps evaluated 8 times per decade, 16-image grids, FID and pixel SW
                   growth:float=0.5, # Growth of log(test/train loss) per decade of steps after the onset
                   mem_rate:float=0.5, # Rise of the memorization fraction per decade of steps once it starts
                   samples:bool=True, # Write the sample grids (PNG) too
+                  fidelity_loss:float=0.0, # Rise of log fidelity (FID, SW) per decade after the onset: memorization that degrades fidelity for good
+                  levels_shuffled:bool=False, # Weight each noise level's loss gap at random (no pattern) instead of largest at low noise
                  ) -> Path:
     "Test and teaching fixture: write a realistic run directory whose memorization onset is known."
-    cfg = (cfg or RunConfig(steps=100_000, sample_grid=16, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel', 'fid'))).with_updates(seed=seed)
+    cfg = (cfg or RunConfig(steps=100_000, eval_per_decade=8, sample_grid=16, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel', 'fid'))).with_updates(seed=seed)
     path = Path(path); rd = RunDir(path)
     rng = np.random.default_rng([seed, 20260507])
     s = np.asarray(eval_schedule(cfg)); x = np.log10(s); m = len(s)
@@ -56,18 +59,19 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
     gap = np.zeros(m) if onset is None else growth * np.clip(x - math.log10(onset), 0, None)
     base = 0.35 + 0.65 * (1 + s / 200) ** -0.5
     cols = {'loss/train': base * np.exp(-gap/2 + noise * t4()), 'loss/test': base * np.exp(gap/2 + noise/3 * rng.standard_normal(m))}
-    for lv in cfg.loss_levels:
-        f = 1.5 - lv  # memorization shows most at low noise levels
+    fs = rng.permutation(1.5 - np.asarray(cfg.loss_levels)) if levels_shuffled else 1.5 - np.asarray(cfg.loss_levels)
+    for lv, f in zip(cfg.loss_levels, fs):  # unshuffled, memorization shows most at low noise levels
         for sp, sign, nz in (('train', -1, noise * t4()), ('test', 1, noise/3 * rng.standard_normal(m))):
             cols[f'loss_t/{lv}/{sp}'] = f * base * np.exp(sign * f * gap / 2 + nz)
     mem = np.zeros(m) if onset is None else np.clip(mem_rate * (x - math.log10(onset) - 0.25), 0, 1)
-    k = rng.binomial(cfg.n_samples, mem); lo, hi = wilson_interval(k, cfg.n_samples)
-    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / cfg.n_samples, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
-    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(cfg.n_samples, np.clip(1.1 * mem, 0, 1)) / cfg.n_samples
+    ns = cfg.n_samples or cfg.n_train  # `None`: one sample per training image
+    k = rng.binomial(ns, mem); lo, hi = wilson_interval(k, ns)
+    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / ns, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
+    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(ns, np.clip(1.1 * mem, 0, 1)) / ns
     if 'nn_dist' in cfg.metrics:
         cols['nn_dist/train'] = 8 * (1 - 0.9 * mem) * np.exp(0.02 * rng.standard_normal(m)); cols['nn_dist/test'] = 8 * np.exp(0.02 * rng.standard_normal(m))
     bump = 0 if onset is None else 0.7 * np.exp(-(x - math.log10(onset) - 0.5)**2 / (2 * 0.25**2))
-    fid = (20 + 200 * (s / 300) ** -0.7) * np.exp(bump)
+    fid = (20 + 200 * (s / 300) ** -0.7) * np.exp(bump + (0 if onset is None else fidelity_loss * np.clip(x - math.log10(onset), 0, None)))
     for name, scale in (('fid', 1.0), ('kid', 1e-3), ('sw', 5e-3), ('sw_pixel', 2e-3)):
         if name in cfg.metrics:
             for sp, off in (('train', 0.98), ('test', 1.0)): cols[f'{name}/{sp}'] = scale * off * fid * np.exp(0.02 * rng.standard_normal(m))
@@ -401,6 +405,86 @@ def double_descent(run, # One run
     j = p + int(np.argmin(z[p:]))
     out.update(second_min_step=s[j], second_min=float(v[j]), double_descent=True)
     return out
+
+# %% ../nbs/06_analysis.ipynb #f46b999f
+class Ratio(NamedTuple):
+    "A ratio final / best of a fidelity metric, its 95% interval, and the values and steps it compares."
+    ratio:float
+    lo:float
+    hi:float
+    best:float
+    best_step:float
+    final:float
+    final_step:float
+
+def trajectory_gain(run, # One run
+                    metric:str='sw', # A fidelity metric (`sw`, `sw_pixel`, `fid`, `kid`)
+                    split:str='test', # Its split
+                    tau:float|None=None, # Best fidelity is taken up to this step; `None`: τ_mem of the run (all steps when not reached)
+                    z:float=1.959964, # Normal quantile of the interval
+                   ) -> Ratio|None:
+    "Final over best fidelity (best: the minimum before τ_mem), with a 95% interval from the curve's own noise; `None` without the metric."
+    r = as_run(run)
+    if not has_metric(r, metric) or not ((r.metric == metric) & (r.split == split)).any(): return None
+    y = series(r, metric, split)
+    if tau is None: t = tau_mem(r); tau = math.inf if t is None else t.step
+    yb = y[y.index <= tau]
+    if yb.empty: return None
+    b, f = float(yb.min()), float(y.iloc[-1])
+    lr = math.log(f / b); h = z * math.sqrt(2) * robust_sigma(np.log(y.to_numpy()))
+    return Ratio(math.exp(lr), math.exp(lr - h), math.exp(lr + h), b, float(yb.idxmin()), f, float(y.index[-1]))
+
+# %% ../nbs/06_analysis.ipynb #d2077389
+def level_gaps(run, # One run
+               tail:int=3, # Evaluations at the end whose median is taken
+              ) -> pd.Series:
+    "The train–test gap log(test / train) of the loss at each noise level (index: the level t), at the end of the run."
+    r = as_run(run); out = {}
+    for m in sorted({m for m in r.metric.unique() if m.startswith('loss_t/')}):
+        if not {'train', 'test'} <= set(r[r.metric == m].split): continue
+        g = np.log(series(r, m, 'test') / series(r, m, 'train')).dropna()
+        if len(g): out[float(m.split('/', 1)[1])] = float(g.iloc[-tail:].median())
+    return pd.Series(out, dtype=float).sort_index()
+
+def level_concordance(gaps:pd.DataFrame, # One row per run, one column per noise level: the `level_gaps`
+                     ) -> dict:
+    "Kendall's W of the runs' rankings of the noise levels by their gap, with its χ² p-value (`runs`, `levels`, `W`, `p`)."
+    g = gaps.dropna(axis=1); m, n = g.shape
+    if m < 2 or n < 3: return dict(runs=m, levels=n, W=math.nan, p=math.nan)
+    R = g.rank(axis=1).to_numpy()
+    W = 12 * float(((R.sum(0) - m * (n + 1) / 2) ** 2).sum()) / (m ** 2 * (n ** 3 - n))
+    return dict(runs=m, levels=n, W=W, p=float(stats.chi2.sf(m * (n - 1) * W, n - 1)))
+
+# %% ../nbs/06_analysis.ipynb #e1837a27
+def split_distances(cfg:RunConfig, # The config of a run (its data, metrics and their settings)
+                   ) -> dict:
+    "Each fidelity metric of `cfg` between the training subset and the evaluation set, with the image counts it used."
+    from dmstudy.data import load_split
+    from dmstudy.metrics import extract_features, frechet_distance, get_extractor, kernel_distance, sliced_wasserstein
+    ms = set(cfg.metrics); sp = load_split(cfg, 'cpu'); tr, te = sp.train_images, sp.eval_images
+    k = min(cfg.n_sw, len(tr))
+    out = dict(n_train=len(tr), n_test=len(te), n_sw=k)
+    if 'sw_pixel' in ms: out['sw_pixel'] = sliced_wasserstein(tr[:k], te, cfg.sw_projections, cfg.seed)
+    if ms & {'sw', 'fid', 'kid'}:
+        try: inc = get_extractor('inception', cfg.inception_path, 'cpu')
+        except FileNotFoundError as e: warnings.warn(f"split distances in Inception space are left out: {e}"); return out
+        ftr, fte = extract_features(tr, inc, cfg.eval_batch_size), extract_features(te, inc, cfg.eval_batch_size)
+        if 'sw' in ms: out['sw'] = sliced_wasserstein(ftr[:k], fte, cfg.sw_projections, cfg.seed)
+        if 'fid' in ms: out['fid'] = frechet_distance(ftr, fte)
+        if 'kid' in ms: out['kid'] = kernel_distance(ftr, fte, seed=cfg.seed)[0]
+    return out
+
+def split_table(cfgs, # RunConfigs of a sweep's runs
+               ) -> pd.DataFrame:
+    "`split_distances` once per distinct training subset of a sweep: one row per (N, metric) with the counts."
+    rows, seen = [], set()
+    for c in cfgs:
+        key = (c.dataset, c.data_root, c.data_path, c.n_train, c.subset, c.n_eval, c.image_size, c.resize, c.channels, c.n_sw, c.metrics)  # what the distances depend on
+        if key in seen: continue
+        seen.add(key); d = split_distances(c)
+        for m in FIDELITY_METRICS:
+            if m in d: rows.append(dict(N=c.n_train, metric=m, value=d[m], n_train=d['n_train'] if m in ('fid', 'kid') else d['n_sw'], n_test=d['n_test']))
+    return pd.DataFrame(rows, columns=['N', 'metric', 'value', 'n_train', 'n_test'])
 
 # %% ../nbs/06_analysis.ipynb #29801e64
 N_MIN, B_MIN, LR_MIN = 2048, 16, 1e-5

@@ -63,7 +63,7 @@ class RunConfig:
     eval_model:str='ema' # The model that is evaluated and sampled: `ema` or `raw`
     # --- evaluation schedule
     eval_first:int=100 # First evaluation step
-    eval_per_decade:int=8 # Log-spaced evaluation points per decade of steps (the final step is always evaluated)
+    eval_per_decade:int=16 # Log-spaced evaluation points per decade of steps (the final step is always evaluated); 16: a point every 0.0625 decade, so the loss-gap onset and the first fidelity minimum are resolved
     eval_every:int|None=None # Also evaluate every this many steps (the paper plots a point about every 1,000 steps early on); `None`: the log schedule alone
     eval_steps:tuple[int, ...]=() # Explicit evaluation steps; overrides the log schedule when given
     snapshot_steps:tuple[int, ...]=() # Steps at which to keep a copy of the checkpoint (`ckpt/step_XXXXXXX.pt`)

@@ -403,7 +403,9 @@ def resolve_sscd_weights(path=None, # Explicit TorchScript file
                          download:bool=False) -> Path: # Fetch the file into torch hub's checkpoints when it is nowhere
     "The SSCD TorchScript file: `path`, `$DMSTUDY_SSCD`, torch hub's checkpoints (the pinned file only), or (with `download`) a checked download there."
     if path: return _must_exist(path, 'The SSCD weights file')
-    if os.environ.get('DMSTUDY_SSCD'): return _must_exist(os.environ['DMSTUDY_SSCD'], 'The SSCD weights file named by $DMSTUDY_SSCD,')
+    if os.environ.get('DMSTUDY_SSCD'):  # the file, or a folder that holds it under its own name
+        p = Path(os.environ['DMSTUDY_SSCD']).expanduser()
+        return _must_exist(p/SSCD_FILE if p.is_dir() else p, 'The SSCD weights file named by $DMSTUDY_SSCD,')
     dst = torch_hub_checkpoints()/SSCD_FILE
     where = f"put {SSCD_FILE} (from {SSCD_URL}) into {dst.parent}, or set $DMSTUDY_SSCD (or RunConfig.sscd_path) to it."
     if dst.is_file():

@@ -21,11 +21,12 @@ from .config import RunConfig, load_torch_file
 
 # %% ../nbs/00b_rundir.ipynb #ad1f43f9
 def eval_schedule(cfg:RunConfig) -> list:
-    "The sorted optimizer steps at which a run is evaluated (always including the last)."
+    "The sorted optimizer steps at which a run is evaluated: log-spaced (or `eval_steps`), every `eval_every` steps, and always the last."
     if cfg.eval_steps: s = {int(x) for x in cfg.eval_steps if 0 < int(x) <= cfg.steps}
     else:
         s, k = set(), 0
         while (v := int(round(cfg.eval_first * 10 ** (k / cfg.eval_per_decade)))) <= cfg.steps: s.add(v); k += 1
+    if cfg.eval_every: s |= set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every))
     return sorted(s | {cfg.steps})
 
 # %% ../nbs/00b_rundir.ipynb #4de88f3c

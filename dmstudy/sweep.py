@@ -9,8 +9,9 @@ __all__ = ['SWEEP_KEYS', 'RESOURCE_KEYS', 'NORMALIZE', 'CONFIG_FIELDS', 'ID_FIEL
            'Sweep', 'sweeps_dir', 'list_sweeps', 'sweep_from_dict', 'load_sweep', 'Cell', 'sweep_cells', 'select_cells',
            'template_path', 'template_parameters', 'check_parameters', 'cell_parameters', 'cell_config',
            'notebook_error', 'execute_cell', 'run_cells', 'CellJob', 'slurm_parameters', 'queued_jobs', 'cell_job',
-           'submit_slurm', 'wait_slurm', 'cell_cost', 'dry_run_table', 'SweepPlan', 'plan_sweep', 'plan_table',
-           'run_sweep', 'submit_sweep', 'wait_sweep', 'sweep_runs', 'sweep_status', 'collect']
+           'submit_slurm', 'wait_slurm', 'missing_files', 'check_launch', 'cell_cost', 'dry_run_table', 'SweepPlan',
+           'plan_sweep', 'plan_table', 'run_sweep', 'submit_sweep', 'wait_sweep', 'sweep_runs', 'sweep_status',
+           'collect']
 
 # %% ../nbs/08_sweep.ipynb #26b1013f
 import fnmatch, functools, itertools, json, math, os, re, shutil, signal, subprocess, sys, threading, time
@@ -459,6 +460,36 @@ def wait_slurm(jobs:list, # submitit jobs of `submit_slurm`
                                     message=f'still in Slurm as job {j.job_id}', job_id=j.job_id, state='')
     return [out[i] for i in range(len(jobs))]
 
+# %% ../nbs/08_sweep.ipynb #0276156a
+def missing_files(cfg:RunConfig, # The run's config
+                  seen:set|None=None, # Checks already made for other configs (skipped here, and added to): each data set and weights file is looked for once
+                 ) -> list:
+    "One sentence per file that a run of `cfg` needs and this machine lacks: the data set, and the weights of the metrics it lists."
+    from dmstudy.data import check_data, data_root
+    from dmstudy.metrics import SSCD_FILE, resolve_inception_weights, resolve_sscd_weights
+    out, ms, seen = [], set(cfg.metrics), set() if seen is None else seen
+    def look(key, check, what=''):
+        if key in seen: return
+        seen.add(key)
+        try: check()
+        except FileNotFoundError as e: out.append(what + str(e.args[0] if e.args else e))
+    look(('data', cfg.dataset, str(data_root(cfg)), cfg.data_path), lambda: check_data(cfg))  # downloads first where allowed
+    if 'copy_score' in ms and cfg.copy_space == 'sscd':
+        look(('sscd', cfg.sscd_path), lambda: resolve_sscd_weights(cfg.sscd_path, cfg.download), f"copy_score needs {SSCD_FILE}: ")
+    inc = sorted(ms & {'sw', 'fid', 'kid'} | ({'copy_score'} if 'copy_score' in ms and cfg.copy_space == 'inception' else set()))
+    if inc: look(('inception', cfg.inception_path), lambda: resolve_inception_weights(cfg.inception_path), f"{', '.join(inc)} need the Inception weights: ")
+    return out
+
+def check_launch(cells:list):
+    "Stop before anything is written when a cell lacks a file it needs (one sentence per missing file); then check each cell's config, data and model."
+    from dmstudy.unet import preflight
+    todo, seen = {c.cfg: c.cell_id for c in cells}, set()  # one check per distinct config
+    missing = [s for cfg in todo for s in missing_files(cfg, seen)]
+    if missing: raise FileNotFoundError('\n'.join(missing))
+    for cfg, cid in todo.items():
+        try: preflight(cfg)
+        except (ValueError, KeyError, FileNotFoundError) as e: raise type(e)(f"Cell {cid}: {e.args[0] if e.args else e}") from None
+
 # %% ../nbs/08_sweep.ipynb #054b468d
 @functools.lru_cache(maxsize=64)
 def _model_cost(unet:str, shape:tuple, class_cond, dropout) -> tuple:
@@ -476,9 +507,9 @@ def cell_cost(cfg:RunConfig, # The cell's config
     shape = model_image_shape(cfg)
     params, gflop = _model_cost(cfg.unet, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
     evals = len(eval_schedule(cfg))
-    gen = max(cfg.n_samples, cfg.sample_grid)
+    gen = max(cfg.n_samples or cfg.n_train, cfg.sample_grid)  # `None`: one sample per training image
     if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
-    if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or cfg.n_eval)
+    if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or max(cfg.n_train, cfg.n_eval))  # `None`: as many as each reference split
     nfe = sampling_steps(cfg)
     out = {'params': params, 'gflop': gflop, 'steps': cfg.steps, 'images': cfg.steps * cfg.batch_size, 'evals': evals,
            'sample_nfe': evals * gen * nfe}
@@ -578,10 +609,7 @@ def run_sweep(plan:SweepPlan, # A plan of `plan_sweep`
               log=print, # Where progress lines go
              ) -> list: # One report per cell of the plan (see `execute_cell`), in order
     "Run a plan's cells here, `jobs` at a time; SIGTERM or Ctrl-C stops the running cells at a checkpoint."
-    from dmstudy.unet import preflight
-    for cfg, cid in {c.cfg: c.cell_id for c, _ in plan.todo}.items():  # config, data and model of each cell, before any runs
-        try: preflight(cfg)
-        except (ValueError, KeyError, FileNotFoundError) as e: raise type(e)(f"Cell {cid}: {e.args[0] if e.args else e}") from None
+    check_launch([c for c, _ in plan.todo])  # files, config, data and model of each cell, before any runs
     _announce(plan, 'local', log)
     res = plan.resources
     ran, signum = run_cells(plan.todo, jobs, plan.retry, plan.template, gpus=int(res.get('gpus') or 0), cpus=int(res.get('cpus') or 0), log=log) if plan.todo else ([], None)
@@ -596,6 +624,7 @@ def submit_sweep(plan:SweepPlan, # A plan of `plan_sweep`
                  log=print, # Where progress lines go
                 ) -> list: # The submitit jobs, in the order of `plan.todo`
     "Submit a plan's cells as one Slurm job array."
+    check_launch([c for c, _ in plan.todo])  # the same checks as a local launch, on the submitting machine
     _announce(plan, 'slurm', log)
     if not plan.todo: return []
     res = dict(plan.resources)
@@ -647,8 +676,9 @@ def collect(sweep, # Sweep name or YAML path
             out='results', # Folder of the results
             samples:str='none', # Copy sample grids to `out/<sweep>/<cell_id>/`: `none`, `last` or `all`
            ) -> tuple:
-    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy) and `out/<sweep>_summary.csv`; returns both paths."
-    from dmstudy.analysis import load_runs, save_results, summarize
+    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy), `out/<sweep>_summary.csv` and the references' distances `out/<sweep>_splits.csv`; returns the first two paths."
+    import warnings
+    from dmstudy.analysis import load_runs, save_results, split_table, summarize
     if samples not in ('none', 'last', 'all'): raise ValueError(f"samples must be 'none', 'last' or 'all', got {samples!r}.")
     sw = load_sweep(sweep)
     runs = [d for d in sweep_runs(sw, root) if RunDir(d).last_metrics()]
@@ -663,6 +693,9 @@ def collect(sweep, # Sweep name or YAML path
     summ.insert(0, 'status', summ['run_dir'].map(status) if 'run_dir' in summ else None)
     csv = out/f'{sw.name}_summary.csv'
     atomic_write(csv, lambda f: summ.to_csv(f, index=False))
+    try: spl = split_table([RunDir(d).read_config() for d in runs])  # once per training subset: train split against test split
+    except (FileNotFoundError, ValueError, OSError) as e: warnings.warn(f"{sw.name}_splits.csv is not written: the references could not be compared ({e})")
+    else: atomic_write(out/f'{sw.name}_splits.csv', lambda f: spl.to_csv(f, index=False))
     if samples != 'none':
         for d in runs:
             rd = RunDir(d); steps = rd.sample_steps()
