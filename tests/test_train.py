@@ -52,14 +52,15 @@ def assert_same_state(a, b, steps=CFG.steps):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     ref, cut = RunDir(tmp_path/'ref'), RunDir(tmp_path/'cut')
-    p = run_cmd(CFG, ref.path); out = finish(p)
-    assert p.returncode == 0, out
+    r = run_cmd(CFG, ref.path)  # the reference trains meanwhile (one thread each: the same numbers)
     p = run_cmd(CFG, cut.path)
     wait_for(lambda: cut.ckpt_path.exists(), p, 'the first checkpoint')
     time.sleep(random.Random(0).uniform(0.2, 1.5))
     p.send_signal(signal.SIGKILL); p.wait()
     killed_at = cut.load_checkpoint()['step']
     assert killed_at < CFG.steps and cut.status == 'running' and cut.state == 'interrupted'
+    out = finish(r)
+    assert r.returncode == 0, out
     p = run_cmd(CFG, cut.path); out = finish(p)
     assert p.returncode == 0, out
     assert 'resuming' in out
@@ -119,8 +120,7 @@ def test_sigterm_during_a_slow_evaluation_is_honoured_at_once(tmp_path):
     cfg = CFG.with_updates(steps=40, eval_steps=(20, 40), sample_steps=40, metrics=('loss', 'mem_frac'))
     delay = 1.0
     ref, cut = RunDir(tmp_path/'ref'), RunDir(tmp_path/'cut')
-    p = run_cmd(cfg, ref.path); out = finish(p)
-    assert p.returncode == 0, out
+    r = run_cmd(cfg, ref.path)  # the reference trains meanwhile
     slow_calls = tmp_path/'slow.calls'
     p = slow_eval_cmd(cfg, cut.path, slow_calls, delay)
     # the evaluation at step 20 begins right after its 20 training steps: wait until it is a few network evaluations in
@@ -130,6 +130,8 @@ def test_sigterm_during_a_slow_evaluation_is_honoured_at_once(tmp_path):
     assert p.returncode != 0, stopped
     assert cut.read_metrics() == [] and cut.status == 'stopped: SIGTERM at step 20 (resumable)', (cut.status, stopped)
     assert cut.load_checkpoint()['step'] == 20
+    out = finish(r)
+    assert r.returncode == 0, out
     # resumed without the delay, counting the network evaluations of its two evaluations (steps 20 and 40)
     calls = tmp_path/'resumed.calls'
     p = slow_eval_cmd(cfg, cut.path, calls, 0); out = finish(p)
