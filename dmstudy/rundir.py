@@ -116,6 +116,8 @@ class RunDir:
     @property
     def status_path(self) -> Path: return self.path/'status'
     @property
+    def progress_path(self) -> Path: return self.path/'progress.json'
+    @property
     def lock_path(self) -> Path: return self.path/'.lock'
     @property
     def ckpt_path(self) -> Path: return self.path/'ckpt'/'latest.pt'
@@ -257,6 +259,20 @@ def stopped_status(why:str, step:int) -> str:
 def state_kind(state:str) -> str:
     "The first word of a status or state: `new`, `running`, `interrupted`, `stopped`, `done` or `failed`."
     return state.split(':')[0].strip()
+
+# %% ../nbs/00b_rundir.ipynb #22067390
+@patch
+def write_progress(self:RunDir, step:int, # The optimizer steps done
+                   steps:int): # The run's total steps
+    "Record how far the run has come (atomically)."
+    atomic_write(self.progress_path, lambda f: f.write(json.dumps({'step': int(step), 'steps': int(steps), 'time': time.time()}) + '\n'))
+
+@patch
+def progress(self:RunDir) -> dict:
+    "The last `write_progress` record (`step`, `steps`, `time`); `{}` when there is none or it cannot be read."
+    try: d = json.loads(self.progress_path.read_text())
+    except (OSError, ValueError): return {}
+    return d if isinstance(d, dict) and {'step', 'steps', 'time'} <= set(d) else {}
 
 # %% ../nbs/00b_rundir.ipynb #46a8ebea
 @patch

@@ -289,26 +289,64 @@ def _report(r:dict, i:int, n:int, log=print):
 def _fmt_s(s:float) -> str: return f'{s:.0f} s' if s < 90 else f'{s / 60:.0f} min' if s < 5400 else f'{s / 3600:.1f} h'
 
 class _Progress:
-    "The launcher's lines as cells start and end: counts of done, running and left, speed and the time left."
-    def __init__(self, n:int, jobs:int, log=print): self.n, self.jobs, self.log, self.lock = n, jobs, log, threading.Lock(); self.done, self.running, self.secs, self.t0 = 0, 0, [], {}
+    "The launcher's lines: when a cell starts or ends, and every `every` seconds while cells run; counts, steps, speed, time left."
+    def __init__(self, cells:list, jobs:int, log=print):
+        self.n, self.jobs, self.log, self.lock = len(cells), jobs, log, threading.Lock()
+        self.cells = {c.cell_id: c for c in cells}
+        self.done, self.running, self.t0, self.ended = 0, 0, {}, set()
+        self.work = [0.0, 0]  # seconds and steps trained by the cells that ended
     def head(self) -> str: return f"[{self.done} ended, {self.running} running, {self.n - self.done - self.running} left]"
+    def _step(self, cid:str) -> int:
+        "Steps a cell has done: its progress record, its last evaluation, or where its status says it stopped."
+        rd = RunDir(self.cells[cid].run_dir); m = re.search(r' at step (\d+) ', rd.status)
+        return max(rd.progress().get('step', 0), rd.last_metrics().get('step', 0), int(m.group(1)) if m else 0)
+    def _eta(self, now:float) -> str:
+        "The time left: the steps still to train at the speed measured so far, shared among the parallel slots."
+        secs, steps = self.work
+        for cid, (t, s0) in self.t0.items():
+            if cid not in self.ended: secs += now - t; steps += self._step(cid) - s0
+        if steps <= 0 or secs <= 0: return ''
+        todo = [max(0, c.cfg.steps - (self._step(cid) if cid in self.t0 else 0)) for cid, c in self.cells.items() if cid not in self.ended]
+        if not sum(todo): return ''
+        return f"; about {_fmt_s(sum(todo) * secs / steps / max(1, min(self.jobs, len(todo))))} left"
     def start(self, cell):
         with self.lock:
-            self.running += 1; rd = RunDir(cell.run_dir); self.t0[cell.cell_id] = (time.time(), rd.last_metrics().get('step', 0))
+            self.running += 1; rd = RunDir(cell.run_dir); self.t0[cell.cell_id] = (time.time(), self._step(cell.cell_id))
             self.log(f"{self.head()} {cell.cell_id}: started; log {rd.log_path}, notebook {rd.notebook_path}")
+    def beat(self):
+        "One line on the cells running now: step of total and speed of each, and the time left."
+        with self.lock:
+            now, parts = time.time(), []
+            for cid, (t, s0) in self.t0.items():
+                if cid in self.ended: continue
+                s = self._step(cid); speed = f", {(s - s0) / (now - t):.3g} steps/s" if s > s0 and now > t else ''
+                parts.append(f"{cid}: step {s}/{self.cells[cid].cfg.steps}{speed}")
+            if parts: self.log(f"{self.head()} " + '; '.join(parts) + self._eta(now))
     def end(self, r:dict, started:bool=True):
         with self.lock:
-            self.done += 1; self.running -= started
-            t, s0 = self.t0.get(r['cell_id'], (time.time(), 0))
-            rd = RunDir(r['run_dir']); m = re.search(r' at step (\d+) ', rd.status)  # a stopped run says where it stopped
-            steps = max(rd.last_metrics().get('step', 0), int(m.group(1)) if m else 0) - s0
+            self.done += 1; self.running -= started; cid = r['cell_id']
+            t, s0 = self.t0.get(cid, (time.time(), 0))
+            steps = self._step(cid) - s0 if cid in self.cells else 0
+            self.ended.add(cid)
             speed = f", {steps / r['seconds']:.3g} steps/s" if started and r['seconds'] > 0 and steps > 0 else ''
-            if started and r['outcome'] in ('done', 'interrupted', 'failed'): self.secs.append(r['seconds'])
-            left = self.n - self.done
+            if started and steps > 0: self.work[0] += r['seconds']; self.work[1] += steps
             go_on = r['outcome'] in ('done', 'failed', 'skipped', 'busy')  # no estimate once the sweep is being stopped
-            eta = f"; about {_fmt_s(sum(self.secs) / len(self.secs) * math.ceil(left / self.jobs))} left" if self.secs and left and go_on else ''
+            eta = self._eta(time.time()) if go_on and self.n - self.done else ''
             msg = f" — {r['message']}" if r['message'] else ''
-            self.log(f"{self.head()} {r['cell_id']}: {r['outcome']} ({r['seconds']:.0f} s{speed}){msg}{eta}")
+            self.log(f"{self.head()} {cid}: {r['outcome']} ({r['seconds']:.0f} s{speed}){msg}{eta}")
+
+@contextmanager
+def _beating(prog:_Progress, every:float):
+    "Call `prog.beat()` every `every` seconds in a background thread for the block (never when `every` is 0)."
+    stop = threading.Event()
+    def loop():
+        while not stop.wait(every): prog.beat()
+    th = threading.Thread(target=loop, daemon=True) if every and every > 0 else None
+    if th: th.start()
+    try: yield
+    finally:
+        stop.set()
+        if th: th.join()
 
 @contextmanager
 def _on_stop(handler):
@@ -336,6 +374,7 @@ def run_cells(tasks:list, # (cell, params) pairs
               gpus:int=0, # GPUs one cell asks for (0: leave CUDA_VISIBLE_DEVICES alone)
               cpus:int=0, # CPU threads of one cell (0: the machine's cores shared among the `jobs`)
               log=print, # Where progress lines go
+              progress_every:float=60, # Seconds between lines on the running cells' steps (0: only when cells start and end)
              ) -> tuple: # (reports in the cells' order, the stop signal's number or `None`)
     "Run cells as local papermill processes, `jobs` at a time; SIGTERM or Ctrl-C stops them at a checkpoint."
     if jobs < 1: raise ValueError(f"--jobs must be at least 1, got {jobs}.")
@@ -346,7 +385,7 @@ def run_cells(tasks:list, # (cell, params) pairs
     threads = {} if 'OMP_NUM_THREADS' in os.environ else {'OMP_NUM_THREADS': str(cpus or max(1, (os.cpu_count() or 1) // jobs))}
     slots = list(range(jobs)); slot_lock = threading.Lock()
     running, stopped = {}, []  # cell id → (RunDir, papermill process)
-    prog = _Progress(len(tasks), jobs, log)
+    prog = _Progress([c for c, _ in tasks], jobs, log)
     def work(cp):
         if stopped: return None
         with slot_lock: s = slots.pop()
@@ -366,7 +405,7 @@ def run_cells(tasks:list, # (cell, params) pairs
         stopped.append(signum)
         for rd, proc in list(running.values()): _stop_cell(rd, proc, os.getpid())
     results = {}
-    with _on_stop(stop), ThreadPoolExecutor(max_workers=jobs) as ex:
+    with _on_stop(stop), _beating(prog, progress_every), ThreadPoolExecutor(max_workers=jobs) as ex:
         futs = {ex.submit(work, cp): cp for cp in tasks}
         for f in as_completed(futs):
             r = f.result()

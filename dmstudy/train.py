@@ -225,6 +225,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     bad = torch.zeros((), dtype=torch.bool, device=device)
     nfe = eval_nfe(cfg, objective, split)
     t0 = time.perf_counter()
+    rd.write_progress(step, cfg.steps); next_beat = time.monotonic() + 10  # where the run is, for launchers, every ~10 s
     if quiet: _log(True, f"{rd.path}: {cfg.steps} steps, {len(sched)} evaluations of {nfe} network evaluations each")
 
     def state(rng=None): return _state(model, ema, opt, sampler, {**gens, 'noise_dev': noise_gen}, step, sched_pos,
@@ -304,6 +305,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
                 bad |= ~torch.isfinite(loss.detach()); loss_sum += loss.detach(); loss_n += 1
                 if step % 25 == 0 or step == end:
                     if bad.item(): return fail(f'non-finite loss by step {step}')
+                    if time.monotonic() >= next_beat: rd.write_progress(step, cfg.steps); next_beat = time.monotonic() + 10
                     if bar is not None:
                         bar.update(step - bar.n)
                         bar.set_postfix(loss=f'{loss.item():.4f}', next_eval=sched[sched_pos] if sched_pos < len(sched) else '-', refresh=False)
