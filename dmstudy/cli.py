@@ -49,7 +49,10 @@ def cost_line(cfg, cost:dict) -> str:
     n = len(eval_schedule(cfg))
     s = (f"one evaluation: {cost['samples']} samples × {cost['sampling_steps']} sampling steps + {cost['loss_forwards']} loss passes "
          f"= {cost['sampling_forwards'] + cost['loss_forwards']:,} network passes, {cost['gflop']:,.0f} GFLOP")
-    if 'seconds' in cost: s += f", about {_fmt_seconds(cost['seconds'])} on this machine when it is otherwise idle; {n} evaluations, about {_fmt_seconds(n*cost['seconds'])} in all"
+    if 'seconds' in cost:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1  # the time is measured now: a busy machine is slower than an idle one
+        where = f"at this machine's present speed (load {load:.1f} on {cores} cores: less when it is idle)" if load > cores else "on this machine"
+        s += f", about {_fmt_seconds(cost['seconds'])} {where}; {n} evaluations, about {_fmt_seconds(n*cost['seconds'])} in all"
     return s
 
 def cmd_run(config:str=None, # A RunConfig .yaml or .json file (default: the RunConfig defaults, listed below)
