@@ -22,6 +22,7 @@ from scipy import stats
 import torch
 from .config import RunConfig, cell_id
 from .data import NUM_CLASSES, model_image_shape
+from .diffusion import eval_counts
 from .metrics import wilson_interval
 
 # %% ../nbs/06_analysis.ipynb #842f5a4b
@@ -60,9 +61,10 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
         for sp, sign, nz in (('train', -1, noise * t4()), ('test', 1, noise/3 * rng.standard_normal(m))):
             cols[f'loss_t/{lv}/{sp}'] = f * base * np.exp(sign * f * gap / 2 + nz)
     mem = np.zeros(m) if onset is None else np.clip(mem_rate * (x - math.log10(onset) - 0.25), 0, 1)
-    k = rng.binomial(cfg.n_samples, mem); lo, hi = wilson_interval(k, cfg.n_samples)
-    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / cfg.n_samples, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
-    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(cfg.n_samples, np.clip(1.1 * mem, 0, 1)) / cfg.n_samples
+    ns = eval_counts(cfg.with_updates(metrics=('mem_frac',)))['n/mem_frac']  # n_samples, or N when it is None
+    k = rng.binomial(ns, mem); lo, hi = wilson_interval(k, ns)
+    if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / ns, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
+    if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(ns, np.clip(1.1 * mem, 0, 1)) / ns
     if 'nn_dist' in cfg.metrics:
         cols['nn_dist/train'] = 8 * (1 - 0.9 * mem) * np.exp(0.02 * rng.standard_normal(m)); cols['nn_dist/test'] = 8 * np.exp(0.02 * rng.standard_normal(m))
     bump = 0 if onset is None else 0.7 * np.exp(-(x - math.log10(onset) - 0.5)**2 / (2 * 0.25**2))
