@@ -336,7 +336,7 @@ def test_nearest_neighbors_agree_with_brute_force_for_any_blocks():
 
 # --- what each number is made of ----------------------------------------------------------------------------------------
 
-class CountingFeatures(M.ImageFeatures):
+class StandInFeatures(M.ImageFeatures):
     "A stand-in for the Inception network: a fixed random projection to 6 dimensions that records how many images it is given."
     name, dim = 'counting-stand-in', 6
     def __init__(self, d:int):
@@ -361,7 +361,7 @@ def test_fid_uses_every_image_of_each_split():
     torch.manual_seed(0); net = build_unet(cfg, split.image_shape, split.num_classes)
     noise = torch.randn(64, *split.image_shape, generator=torch.Generator().manual_seed(0))
     M.clear_feature_cache()
-    stand_in = CountingFeatures(3 * math.prod(split.image_shape[1:]))
+    stand_in = StandInFeatures(3 * math.prod(split.image_shape[1:]))
     r, s = M.evaluate(net, obj, split, cfg, noise, return_samples=True, inception=stand_in)
     assert len(s) == 64  # the sample grid's 64 rows are drawn, the metrics take the first rows they need
     for m in ('fid', 'kid'):
