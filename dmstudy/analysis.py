@@ -24,6 +24,7 @@ from scipy import stats
 import torch
 from .config import RunConfig, cell_id
 from .data import NUM_CLASSES, model_image_shape
+from .diffusion import eval_counts
 from .metrics import wilson_interval
 
 # %% ../nbs/06_analysis.ipynb #842f5a4b
@@ -64,7 +65,7 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
         for sp, sign, nz in (('train', -1, noise * t4()), ('test', 1, noise/3 * rng.standard_normal(m))):
             cols[f'loss_t/{lv}/{sp}'] = f * base * np.exp(sign * f * gap / 2 + nz)
     mem = np.zeros(m) if onset is None else np.clip(mem_rate * (x - math.log10(onset) - 0.25), 0, 1)
-    ns = cfg.n_samples or cfg.n_train  # `None`: one sample per training image
+    ns = eval_counts(cfg.with_updates(metrics=('mem_frac',)))['n/mem_frac']  # n_samples, or N when it is None
     k = rng.binomial(ns, mem); lo, hi = wilson_interval(k, ns)
     if 'mem_frac' in cfg.metrics: cols.update({'mem_frac': k / ns, 'mem_frac_lo': lo, 'mem_frac_hi': hi})
     if 'copy_score' in cfg.metrics: cols['copy_score'] = rng.binomial(ns, np.clip(1.1 * mem, 0, 1)) / ns

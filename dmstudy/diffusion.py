@@ -184,7 +184,10 @@ def eval_counts(cfg:RunConfig, # The run's config: its metrics and sample counts
                 grid:bool=False) -> dict: # Also draw the `cfg.sample_grid` samples of the saved grid (as training does)
     "How many images each metric of one evaluation uses (the metrics row's `n/`, `n_gen/`, `n_ref/` keys), and `generate`, the samples to draw."
     if sizes is None: sizes = (cfg.n_train, cfg.n_eval)
-    n_train, n_test = (sizes.n_train, len(sizes.eval_images)) if hasattr(sizes, 'eval_images') else map(int, sizes)
+    if hasattr(sizes, 'eval_images'): n_train, n_test = sizes.n_train, len(sizes.eval_images)
+    else:
+        try: n_train, n_test = map(int, sizes)
+        except (TypeError, ValueError): raise TypeError(f"sizes must be a Split or (N, evaluation split size), got {sizes!r}.") from None
     ms, out = set(cfg.metrics), {}
     ref = dict(train=n_train, test=n_test)
     if ms & {'loss', 'loss_t'}:

@@ -210,7 +210,7 @@ def test_run_names_unofficial_cifar10_files(tmp_path):
     from dmstudy.train import train
     write_cifar10_like(tmp_path/'data', n_per_batch=8, n_test=8)
     cfg = RunConfig(dataset='cifar10', data_root=str(tmp_path/'data'), n_train=16, n_eval=8, image_size=None, unet='micro', steps=2,
-                    eval_steps=(2,), metrics=('loss',), loss_eval_n=8, sample_grid=4, n_samples=4, device='cpu')
+                    eval_steps=(2,), metrics=('loss',), loss_eval_n=8, loss_train_n=8, sample_grid=4, n_samples=4, device='cpu')
     r = train(cfg, tmp_path/'run', quiet=True)
     assert r.status == 'done'
     src = json.loads((tmp_path/'run'/'data.json').read_text())

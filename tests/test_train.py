@@ -9,7 +9,7 @@ from dmstudy.config import RunConfig
 from dmstudy.rundir import RunDir
 
 CFG = RunConfig(n_train=16, unet='micro', steps=300, batch_size=8, lr=1e-3, eval_first=20, eval_per_decade=6,
-                n_samples=16, sample_steps=8, sample_grid=16, metrics=('loss', 'mem_frac', 'nn_dist'), loss_eval_n=32,
+                n_samples=16, sample_steps=8, sample_grid=16, metrics=('loss', 'mem_frac', 'nn_dist'), loss_eval_n=32, loss_train_n=32,
                 device='cpu')
 SHORT = CFG.with_updates(steps=40, eval_steps=(20, 40))
 
