@@ -16,7 +16,7 @@ from dmstudy.unet import build_unet
 
 DEMO = dict(dataset='digits', image_size=16, unet='cpu-16', class_cond=False, objective='rf', sample_steps=25, batch_size=16,
             lr=1e-3, metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel'), n_eval=500, n_samples=128, n_sw=128,
-            loss_eval_n=256, device='cpu', n_train=64)
+            loss_eval_n=256, loss_train_n=256, device='cpu', n_train=64)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +50,7 @@ def main(argv=None):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter(); evaluate(ema, obj, split, cfg, noise, gen=torch.Generator().manual_seed(1)); dt = time.perf_counter() - t
     out.append(f"\n## One evaluation of the demo ({cfg.n_samples} samples × {cfg.sample_steps} Euler steps, losses on "
-               f"{cfg.loss_eval_n} train + {cfg.loss_eval_n} test draws, {', '.join(cfg.metrics)}): {dt:.1f} s under the profiler, "
+               f"{cfg.loss_train_n} train + {cfg.loss_eval_n} test draws, {', '.join(cfg.metrics)}): {dt:.1f} s under the profiler, "
                f"load average {os.getloadavg()[0]:.1f}\n")
     out.append(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=a.rows))
     text = '\n'.join(out)
