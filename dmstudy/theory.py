@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 # %% ../nbs/10_theory.ipynb #5b2d9e47
-from .probes import kde_bandwidth, log_kde_overlap, relative_distance, _f64, _sqdist, _lincomb  # the KDE pieces training uses too
+from .probes import kde_bandwidth, log_kde_overlap, relative_distance, _f64, _lincomb  # the KDE pieces training uses too
 _all_ = ['kde_bandwidth', 'log_kde_overlap', 'relative_distance']
 
 # %% ../nbs/10_theory.ipynb #04485d66
