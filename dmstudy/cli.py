@@ -89,16 +89,20 @@ def cmd_bench(preset:str='cpu-16', # U-Net preset
               steps:int=20, # Timed steps per round
               rounds:int=3, # Alternating timing rounds; the best is kept
               device:str='auto', # auto, cpu or cuda
-              diffusers:bool=True, # Also time a comparable diffusers.UNet2DModel
+              diffusers:bool=True, # Time a comparable diffusers.UNet2DModel too (--no-diffusers skips it)
               bf16:bool=False, # bf16 autocast (CUDA)
-              channels_last:bool=False, # channels_last memory format (CUDA)
-              compile:bool=False, # torch.compile the model (CUDA)
+              channels_last:bool=False, # channels_last memory format (GPU and CPU)
+              compile:bool=False, # torch.compile the model (GPU and CPU; minutes to compile cold on a CPU)
+              compile_mode:Annotated[str, 'torch.compile mode', dict(choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'))]='default',
+              no_fused_adam:bool=False, # Use the multi-tensor (foreach) Adam instead of the fused kernel on CUDA
               out:str=None, # Write the table to this JSON file
              ) -> int:
     "Steady-state training and sampling speed of a U-Net preset on this machine, beside a comparable diffusers.UNet2DModel."
     import pandas as pd
     from dmstudy.train import benchmark
     sw = {k: True for k, v in dict(bf16=bf16, channels_last=channels_last, compile=compile).items() if v}
+    if compile_mode != 'default': sw['compile_mode'] = compile_mode
+    if no_fused_adam: sw['fused_adam'] = False
     rows = benchmark(preset, batch_size, device=device, steps=steps, rounds=rounds, diffusers=diffusers, **sw)
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:,.4g}'))
     if out:

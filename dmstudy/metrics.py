@@ -13,8 +13,9 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'INCEPTION_NAME', 'FEATURE_CACHE_S
            'is_torchscript', 'inception_state_dict_from_torchscript', 'load_inception', 'ImageFeatures',
            'InceptionFeatures', 'image_digest', 'clear_feature_cache', 'feature_cache_stats', 'extract_features',
            'frechet_distance', 'kernel_distance', 'file_sha256', 'resolve_sscd_weights', 'file_digest', 'SSCDFeatures',
-           'max_cosine_similarity', 'get_extractor', 'copy_score', 'mean_loss', 'loss_by_noise_level', 'sample_labels',
-           'generate', 'evaluate', 'sample_metrics', 'wilson_interval']
+           'max_cosine_similarity', 'get_extractor', 'copy_score', 'loss_values', 'mean_loss', 'standard_error',
+           'loss_by_noise_level', 'sample_labels', 'generate', 'loss_images', 'evaluate', 'sample_metrics',
+           'wilson_interval']
 
 # %% ../nbs/04_metrics.ipynb #e641a333
 import hashlib, io, math, os, warnings
@@ -29,6 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
 from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from .data import Split, to_model_space, from_model_space
+from .diffusion import eval_counts, SAMPLE_METRICS
 
 # %% ../nbs/04_metrics.ipynb #8d2d5e45
 def as_rows(x:torch.Tensor, # Images [n, C, H, W]: uint8 in [0, 255] or float in model space
@@ -497,6 +499,24 @@ def _gen(device, seed:int) -> torch.Generator:
 def _model_space(x:torch.Tensor) -> torch.Tensor: return to_model_space(x) if x.dtype == torch.uint8 else x.float()
 
 @torch.no_grad()
+def loss_values(model:nn.Module, # Network (or `EmpiricalDenoiser`) called as `model(x, c_noise, y)`
+                objective, # The objective (from `make_objective`)
+                images:torch.Tensor, # Images [n, C, H, W] (uint8 or model space)
+                labels:torch.Tensor|None=None, # Labels [n] (used when the model is class-conditional)
+                t:float|None=None, # Fixed noise level; `None`: levels drawn as in training
+                gen:torch.Generator|None=None, # Generator of levels and noise; `None`: seeded with 0
+                batch_size:int=256) -> torch.Tensor: # Images per forward pass
+    "Per-image loss of the objective [n] (float64, on the CPU), at level `t` or at training-distributed levels."
+    if len(images) == 0: raise ValueError("No images to evaluate the loss on; pass at least one image.")
+    gen = gen or _gen(images.device, 0)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x0 = _model_space(images[i:i + batch_size])
+        y = None if labels is None else _labels(model, labels[i:i + batch_size])
+        l = objective.loss(model, x0, y, gen)[0] if t is None else objective.loss_at(model, x0, y, float(t), gen)
+        out.append(l.detach().double().cpu())
+    return torch.cat(out)
+
 def mean_loss(model:nn.Module, # Network (or `EmpiricalDenoiser`) called as `model(x, c_noise, y)`
               objective, # The objective (from `make_objective`)
               images:torch.Tensor, # Images [n, C, H, W] (uint8 or model space)
@@ -505,15 +525,11 @@ def mean_loss(model:nn.Module, # Network (or `EmpiricalDenoiser`) called as `mod
               gen:torch.Generator|None=None, # Generator of levels and noise; `None`: seeded with 0
               batch_size:int=256) -> float: # Images per forward pass
     "Mean per-sample loss of the objective over `images`, at level `t` or at training-distributed levels."
-    if len(images) == 0: raise ValueError("No images to evaluate the loss on; pass at least one image.")
-    gen = gen or _gen(images.device, 0)
-    tot = 0.
-    for i in range(0, len(images), batch_size):
-        x0 = _model_space(images[i:i + batch_size])
-        y = None if labels is None else _labels(model, labels[i:i + batch_size])
-        l = objective.loss(model, x0, y, gen)[0] if t is None else objective.loss_at(model, x0, y, float(t), gen)
-        tot += l.double().sum().item()
-    return tot / len(images)
+    return loss_values(model, objective, images, labels, t, gen, batch_size).mean().item()
+
+def standard_error(v:torch.Tensor) -> float:
+    "Standard error of the mean of per-sample values (sample standard deviation over √n); NaN for fewer than 2."
+    return (v.double().std() / math.sqrt(len(v))).item() if len(v) > 1 else math.nan
 
 def loss_by_noise_level(model:nn.Module, # Network called as `model(x, c_noise, y)`
                         objective, # The objective (from `make_objective`)
@@ -561,38 +577,48 @@ def generate(model:nn.Module, # Network (or `EmpiricalDenoiser`)
 
 def _fmt_level(t:float) -> str: return f'{t:g}'
 
+def loss_images(cfg:RunConfig, # Reads `loss_train_n`, `loss_eval_n`, `batch_size`, `seed`
+                split:Split) -> dict: # Train and eval images
+    "The fixed images of the train and test losses, as `eval_counts` counts them: {'train': (images, labels), 'test': (images, labels)}."
+    n_tr, n_te = cfg.loss_train_n or cfg.batch_size, min(cfg.loss_eval_n or len(split.eval_images), len(split.eval_images))
+    if cfg.loss_train_n: itr = torch.arange(n_tr) % split.n_train  # index order, repeated when N is smaller
+    else:  # one batch drawn as a training batch is (uniformly, without replacement), the same batch at every evaluation
+        itr = torch.randperm(split.n_train, generator=torch.Generator().manual_seed(cfg.seed))[torch.arange(n_tr) % split.n_train]
+    itr = itr.to(split.train_images.device)
+    return dict(train=(split.train_images[itr], split.train_labels[itr]), test=(split.eval_images[:n_te], split.eval_labels[:n_te]))
+
 def evaluate(model:nn.Module, # The model to evaluate (e.g. the EMA network)
              objective, # Its objective (from `make_objective`)
              split:Split, # Train and eval images
              cfg:RunConfig, # Reads `metrics`, the sample counts and the metric settings
-             noise:torch.Tensor, # Fixed evaluation noise [>= n_samples, C, H, W]
+             noise:torch.Tensor, # Fixed evaluation noise [>= eval_counts(cfg, split, grid=return_samples)['generate'], C, H, W]
              gen:torch.Generator|None=None, # Generator of loss and sampler noise; `None`: seeded with `cfg.seed`
              labels:torch.Tensor|None=None, # Labels of the samples of a class-conditional model; `None`: i mod K
-             return_samples:bool=False): # Also return the samples (model space)
-    "Evaluate `model`: the metrics of `cfg.metrics` as one flat dict (and the samples when asked)."
-    ms, out, dev = set(cfg.metrics), {}, split.device
-    bs, n = cfg.eval_batch_size, cfg.n_samples
-    need = ms & {'mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid'}
-    if need or return_samples:  # check what can fail before any work is done
-        if len(noise) < n: raise ValueError(f"The evaluation noise has {len(noise)} rows but RunConfig.n_samples={n}; draw at least n_samples rows.")
+             return_samples:bool=False, # Also return the samples (model space), at least `cfg.sample_grid` of them
+             inception:ImageFeatures|None=None): # The Inception-space extractor of `sw`, `fid`, `kid`; `None`: `get_extractor`
+    "Evaluate `model`: the metrics of `cfg.metrics`, and what each is made of, as one flat dict (and the samples when asked)."
+    ms, out, dev, bs = set(cfg.metrics), {}, split.device, cfg.eval_batch_size
+    counts = eval_counts(cfg, split, grid=return_samples); n = counts['generate']
+    need = ms & set(SAMPLE_METRICS)
+    if n:  # check what can fail before any work is done
+        if len(noise) < n: raise ValueError(f"The evaluation noise has {len(noise)} rows but this evaluation generates {n} samples (see eval_counts); draw at least {n} rows.")
         if tuple(noise.shape[1:]) != split.image_shape:
             raise ValueError(f"The evaluation noise has shape {tuple(noise.shape[1:])} but the images have shape {split.image_shape}; draw noise shaped like the images.")
         ys = sample_labels(model, n, labels, dev)
-    inc = get_extractor('inception', cfg.inception_path, dev) if ms & {'sw', 'fid', 'kid'} else None
+    inc = (inception or get_extractor('inception', cfg.inception_path, dev)) if ms & {'sw', 'fid', 'kid'} else None
     was_training = model.training; model.eval()
     try:
         if ms & {'loss', 'loss_t'}:
-            m = cfg.loss_eval_n
-            itr = torch.arange(m, device=dev) % split.n_train
-            sets = dict(train=(split.train_images[itr], split.train_labels[itr]), test=(split.eval_images[:m], split.eval_labels[:m]))
-            for i, (name, (x, y)) in enumerate(sets.items()):
-                if 'loss' in ms: out[f'loss/{name}'] = mean_loss(model, objective, x, y, None, gen or _gen(dev, cfg.seed + i), bs)
+            for i, (name, (x, y)) in enumerate(loss_images(cfg, split).items()):
+                out[f'n/loss/{name}'] = len(x)
+                if 'loss' in ms:
+                    v = loss_values(model, objective, x, y, None, gen or _gen(dev, cfg.seed + i), bs)
+                    out[f'loss/{name}'] = v.mean().item()
+                    if len(v) > 1: out[f'loss_se/{name}'] = standard_error(v)
                 if 'loss_t' in ms:
                     lt = loss_by_noise_level(model, objective, x, y, cfg.loss_levels, gen or _gen(dev, cfg.seed + 10 + i), bs)
                     out.update({f'loss_t/{_fmt_level(t)}/{name}': v for t, v in lt.items()})
-        samples = None
-        if need or return_samples:
-            samples = generate(model, objective, noise[:n].to(dev), ys, bs, None, gen or _gen(dev, cfg.seed + 20))
+        samples = generate(model, objective, noise[:n].to(dev), ys, bs, None, gen or _gen(dev, cfg.seed + 20)) if n else None
         if need: out.update(sample_metrics(from_model_space(samples), split, cfg, inc))
     finally: model.train(was_training)
     return (out, samples) if return_samples else out
@@ -601,38 +627,54 @@ def sample_metrics(samples:torch.Tensor, # Generated images [n, C, H, W], uint8
                    split:Split, # Train and eval images
                    cfg:RunConfig, # Reads `metrics` and the metric settings
                    inception:ImageFeatures|None=None) -> dict: # A loaded Inception extractor; `None`: `get_extractor`
-    "The sample-based metrics of `cfg.metrics` (memorization, novelty, copy score, SW, FID, KID) as a flat dict."
+    "The sample-based metrics of `cfg.metrics` (memorization, novelty, copy score, SW, FID, KID), each with its counts and feature space, as a flat dict."
     ms, out, bs = set(cfg.metrics), {}, cfg.eval_batch_size
     refs = dict(train=split.train_images, test=split.eval_images)
     for name, ref in refs.items(): check_images(samples, ref, f'{name} images')
+    k = {key: min(v, len(samples)) for key, v in eval_counts(cfg, split).items() if key.startswith(('n/', 'n_gen/'))}  # the first rows each metric takes
     m = None
     if 'mem_frac' in ms:
-        m = memorization_fraction(samples, split.train_images, k=cfg.mem_k, seed=cfg.seed)
-        out.update(mem_frac=m.fraction, mem_frac_lo=m.lo, mem_frac_hi=m.hi)
+        m = memorization_fraction(samples[:k['n/mem_frac']], split.train_images, k=cfg.mem_k, seed=cfg.seed)
+        out.update({'mem_frac': m.fraction, 'mem_frac_lo': m.lo, 'mem_frac_hi': m.hi, 'n/mem_frac': len(m.d1),
+                    'threshold/mem_frac': cfg.mem_k, 'space/mem_frac': 'pixels'})
     if 'nn_dist' in ms:
         for name, ref in refs.items():  # d1 of the memorization fraction is the nearest training distance already
-            out[f'nn_dist/{name}'] = m.d1.mean().item() if m is not None and name == 'train' else nn_distance(samples, ref, f'{name} images')
+            g = k[f'n_gen/nn_dist/{name}']
+            out[f'nn_dist/{name}'] = m.d1.mean().item() if m is not None and name == 'train' else nn_distance(samples[:g], ref, f'{name} images')
+            out[f'n_gen/nn_dist/{name}'], out[f'n_ref/nn_dist/{name}'] = g, len(ref)
+        out['space/nn_dist'] = 'pixels'
     if 'copy_score' in ms:
         path = cfg.sscd_path if cfg.copy_space == 'sscd' else cfg.inception_path
         key = ('copy_score', cfg.copy_space, path)  # after one failure, no further download attempts
+        out['threshold/copy_score'] = cfg.copy_threshold
         try: ext = get_extractor(cfg.copy_space, path, split.device, download=cfg.download and key not in _WARNED)
-        except FileNotFoundError as e: _warn_once(key, f"copy_score is left out: {e}"); ext = None
-        if ext is not None: out['copy_score'] = copy_score(samples, split.train_images, extractor=ext, threshold=cfg.copy_threshold, batch_size=bs)
-    k_sw = min(cfg.n_sw, len(samples))
+        except FileNotFoundError as e:
+            _warn_once(key, f"copy_score is left out: {e}")
+            out.update({'n/copy_score': 0, 'space/copy_score': 'missing', 'missing/copy_score': str(e)})
+        else:
+            g = k['n/copy_score']
+            out.update({'copy_score': copy_score(samples[:g], split.train_images, extractor=ext, threshold=cfg.copy_threshold, batch_size=bs),
+                        'n/copy_score': g, 'space/copy_score': ext.name})
     if 'sw_pixel' in ms:
-        for name, ref in refs.items(): out[f'sw_pixel/{name}'] = sliced_wasserstein(samples[:k_sw], ref, cfg.sw_projections, cfg.seed)
+        for name, ref in refs.items():
+            g = k[f'n_gen/sw_pixel/{name}']
+            out[f'sw_pixel/{name}'] = sliced_wasserstein(samples[:g], ref, cfg.sw_projections, cfg.seed)
+            out[f'n_gen/sw_pixel/{name}'], out[f'n_ref/sw_pixel/{name}'] = g, len(ref)
+        out['space/sw_pixel'] = 'pixels'
     if ms & {'sw', 'fid', 'kid'}:
         inc = inception or get_extractor('inception', cfg.inception_path, split.device)
-        k_fid = {name: min(cfg.n_fid or len(ref), len(samples)) for name, ref in refs.items()}
-        k_all = max(k_sw if 'sw' in ms else 0, max(k_fid.values()) if ms & {'fid', 'kid'} else 0)
-        fs = extract_features(samples[:k_all], inc, bs, cache=False)
+        fs = extract_features(samples[:max(v for key, v in k.items() if key.split('/')[1] in ('sw', 'fid', 'kid'))], inc, bs, cache=False)
         for name, ref in refs.items():
-            fr = extract_features(ref, inc, bs)
-            if 'sw' in ms: out[f'sw/{name}'] = sliced_wasserstein(fs[:k_sw].to(split.device), fr.to(split.device), cfg.sw_projections, cfg.seed)
-            k = k_fid[name]; fg, fr_k = fs[:k], fr[:min(k, len(fr))]
-            if 'fid' in ms: out[f'fid/{name}'] = frechet_distance(fg, fr_k)
-            if 'kid' in ms: out[f'kid/{name}'] = kernel_distance(fg, fr_k, seed=cfg.seed)[0]
+            fr = extract_features(ref, inc, bs)  # the whole split
+            for metric in ('sw', 'fid', 'kid'):
+                if metric not in ms: continue
+                fg = fs[:k[f'n_gen/{metric}/{name}']]
+                if metric == 'sw': v = sliced_wasserstein(fg.to(split.device), fr.to(split.device), cfg.sw_projections, cfg.seed)
+                else: v = frechet_distance(fg, fr) if metric == 'fid' else kernel_distance(fg, fr, seed=cfg.seed)[0]
+                out[f'{metric}/{name}'], out[f'n_gen/{metric}/{name}'], out[f'n_ref/{metric}/{name}'] = v, len(fg), len(fr)
+        for metric in ms & {'sw', 'fid', 'kid'}: out[f'space/{metric}'] = inc.name
     return out
+
 
 # %% ../nbs/04_metrics.ipynb #da1c663d
 def wilson_interval(k, # Successes (a number or an array)

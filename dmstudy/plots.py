@@ -9,7 +9,7 @@ __all__ = ['PANELS', 'DASHES', 'value_label', 'log_ticks', 'panels', 'sample_ste
            'last_samples', 'training_images', 'nearest_neighbours', 'scaling_plot']
 
 # %% ../nbs/07_plots.ipynb #527334c8
-import math, os
+import math, os, textwrap
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
@@ -20,7 +20,7 @@ from PIL import Image
 from .config import fmt_lr
 from .data import load_split, from_model_space
 from .metrics import nearest_neighbors
-from .analysis import AXES, MEM_METRICS, ScalingFit, normalized_step, scaling_fit
+from .analysis import AXES, MEM_METRICS, ScalingFit, normalized_step, scaling_fit, mem_label
 from .data import model_image_shape
 from .rundir import RunDir, image_grid
 
@@ -73,7 +73,9 @@ def panels(df:pd.DataFrame, # Tidy table of the runs of a sweep (`load_runs`, `r
         splits = [s for s in ('train', 'test', '') if (sub.split == s).any()]
         sns.lineplot(data=sub, x=x, y='value', hue=hue, hue_order=labels, palette=palette, style='split', style_order=splits,
                      dashes={s: DASHES[s] for s in splits}, errorbar=errorbar, ax=ax, legend='full' if legend is None and '' not in splits else False)
-        ax.set_xscale('log'); ax.set_xlabel(x); ax.set_ylabel(m); ax.set_title(title if m == cands[0] else f'{title} ({m})')
+        ax.set_xscale('log'); ax.set_xlabel(x); ax.set_ylabel(m)
+        if cands == MEM_METRICS: ax.set_title(f'{title}\n' + textwrap.fill(mem_label(d, m), 48), fontsize='medium')  # which score, always
+        else: ax.set_title(title if m == cands[0] else f'{title} ({m})')
         if title in ('Sliced Wasserstein', 'FID') and (sub.value > 0).all(): ax.set_yscale('log')
         log_ticks(ax)
         if ax.get_legend() is not None: legend = ax.get_legend()

@@ -20,8 +20,11 @@ from .config import (RunConfig, cell_id, make_generators, generator_states, set_
 from .rundir import RunDir, DiskFull, eval_schedule, stopped_status
 from .data import Split, load_split, to_model_space, from_model_space
 from .unet import build_unet, count_params
-from .diffusion import make_objective, prepare_model, autocast
+from .diffusion import make_objective, prepare_model, autocast, eval_counts
 from .metrics import evaluate
+
+# %% ../nbs/05_train.ipynb #a7c3e5b1
+from .probes import probe_metrics  # measures beyond metrics.evaluate, merged into each evaluation's row
 
 # %% ../nbs/05_train.ipynb #60f2fd61
 class IndexSampler:
@@ -119,15 +122,13 @@ class EvalWatch(torch.nn.Module):
 
 def eval_nfe(cfg:RunConfig, # The run's config
              objective, # Its objective (its default sampling steps)
-             n_test:int, # Test images available for the evaluation loss
+             sizes, # A `Split`, or (N, evaluation split size)
             ) -> int:
-    "Network evaluations of one evaluation of `metrics.evaluate`: the losses, then the sampling."
-    bs, ms, out = cfg.eval_batch_size, set(cfg.metrics), 0
+    "Network evaluations of one evaluation during training (`metrics.evaluate` with the sample grid): the losses, then the sampling."
+    bs, ms, n = cfg.eval_batch_size, set(cfg.metrics), eval_counts(cfg, sizes, grid=True)
     per = ('loss' in ms) + ('loss_t' in ms) * len(cfg.loss_levels)
-    if per: out += per * (math.ceil(cfg.loss_eval_n / bs) + math.ceil(min(cfg.loss_eval_n, n_test) / bs))
-    if ms & {'mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid'} or cfg.sample_grid:
-        out += math.ceil(cfg.n_samples / bs) * (cfg.sample_steps or objective.steps)
-    return out
+    out = per * (math.ceil(n['n/loss/train'] / bs) + math.ceil(n['n/loss/test'] / bs)) if per else 0
+    return out + math.ceil(n['generate'] / bs) * (cfg.sample_steps or objective.steps)
 
 # %% ../nbs/05_train.ipynb #56677716
 @dataclass
@@ -189,7 +190,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     gens = make_generators(cfg.seed, 'cpu')
     noise_gen = torch.Generator(device=device); noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gens['noise'])))
     sampler = IndexSampler(split.n_train, gens['data'])
-    eval_noise = torch.randn(cfg.n_samples, *split.image_shape, generator=gens['eval']).to(device)
+    eval_noise = torch.randn(eval_counts(cfg, split, grid=True)['generate'], *split.image_shape, generator=gens['eval']).to(device)  # the grid: its first rows
     sched = eval_schedule(cfg)
     step, sched_pos, wall = 0, 0, 0.0
     loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0  # training loss since the last evaluation
@@ -222,7 +223,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     bar = None if quiet else tqdm(total=cfg.steps, initial=step, desc=cell_id(cfg), dynamic_ncols=True, mininterval=1.0)
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    nfe = eval_nfe(cfg, objective, len(split.eval_images))
+    nfe = eval_nfe(cfg, objective, split)
     t0 = time.perf_counter()
     if quiet: _log(True, f"{rd.path}: {cfg.steps} steps, {len(sched)} evaluations of {nfe} network evaluations each")
 
@@ -257,6 +258,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         finally:
             model.train()
             if ebar is not None: ebar.close()
+        m.update(probe_metrics(eval_model, objective, split, cfg, samples))  # emp_denoiser, rel_dist: when named in cfg.metrics
         nonfinite = [k for k, v in m.items() if k.startswith('loss') and isinstance(v, float) and not math.isfinite(v)]
         if nonfinite: return fail(f'non-finite {nonfinite[0]} at step {step}')
         loss_sum.zero_(); loss_n = 0

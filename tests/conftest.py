@@ -1,4 +1,4 @@
-"Shared fixtures: a real single-node Slurm cluster on this machine."
+"Shared fixtures: a real single-node Slurm cluster on this machine; tests that share a fixture stay in one pytest-xdist worker."
 import os, re, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import pytest
@@ -133,3 +133,29 @@ def slurm(tmp_path_factory):
     c = SlurmCluster(tmp_path_factory.mktemp('slurm'))
     try: yield c.start()
     finally: c.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `make pytest` runs the tests in two pytest-xdist workers with `--dist loadgroup`. Tests of a module that share one of
+# its module- or session-scoped fixtures (directly or through another fixture) form one group, which runs in one
+# worker, so the fixture is built once; every other test goes to whichever worker is free.
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    if getattr(config.option, 'dist', 'no') != 'loadgroup': return
+    parent = {}
+    def find(k):
+        while parent.setdefault(k, k) != k: k = parent[k]
+        return k
+    shared = {}
+    for item in items:
+        info = getattr(item, '_fixtureinfo', None)
+        if info is None: continue
+        names = [(item.module.__name__, n) for n, defs in info.name2fixturedefs.items()
+                 if defs and defs[-1].scope != 'function' and defs[-1].baseid]  # the project's own, not pytest's
+        if not names: continue
+        shared[item] = names[0]
+        for n in names[1:]: parent[find(n)] = find(names[0])
+    for item, n in shared.items():
+        module, fixture = find(n)
+        item.add_marker(pytest.mark.xdist_group(f'{module}:{fixture}'))

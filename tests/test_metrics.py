@@ -250,11 +250,14 @@ def test_copy_score_in_evaluate_with_and_without_weights(tiny_sscd, monkeypatch)
     with pytest.warns(UserWarning, match='copy_score is left out: SSCD weights not found'):
         r = M.evaluate(ed, obj, split, cfg, noise)
     assert 'copy_score' not in r and r['mem_frac'] == 1.0
+    # the row says the copy score was asked for and not measured, and why
+    assert (r['n/copy_score'], r['space/copy_score']) == (0, 'missing') and 'SSCD weights not found' in r['missing/copy_score']
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # warned once only
         assert 'copy_score' not in M.evaluate(ed, obj, split, cfg, noise)
     r = M.evaluate(ed, obj, split, cfg.with_updates(sscd_path=str(f)), noise)
     assert r['copy_score'] == 1.0  # copies of training images have cosine similarity 1
+    assert r['n/copy_score'] == 8 and r['space/copy_score'].startswith('sscd-') and 'missing/copy_score' not in r
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def test_copy_score_in_evaluate_with_and_without_weights(tiny_sscd, monkeypatch)
 @pytest.mark.parametrize('objective', ['rf', 'ddpm'])
 def test_empirical_denoiser_memorizes_and_noise_does_not(objective):
     from dmstudy.diffusion import make_objective, EmpiricalDenoiser
-    cfg = RunConfig(n_train=40, n_eval=40, n_samples=30, sample_steps=25, objective=objective, device='cpu',
+    cfg = RunConfig(n_train=40, n_eval=40, n_samples=30, n_sw=30, sample_grid=30, sample_steps=25, objective=objective, device='cpu',
                     metrics=('mem_frac', 'nn_dist', 'sw_pixel'), class_cond=True)
     split = load_split(cfg); obj = make_objective(cfg)
     ed = EmpiricalDenoiser(to_model_space(split.train_images), obj, labels=split.train_labels)
@@ -279,7 +282,7 @@ def test_empirical_denoiser_memorizes_and_noise_does_not(objective):
 def test_evaluate_keys_counts_and_determinism():
     from dmstudy.diffusion import make_objective
     from dmstudy.unet import build_unet
-    cfg = RunConfig(n_train=12, n_eval=20, n_samples=10, n_sw=6, sample_steps=3, loss_eval_n=16, eval_batch_size=4,
+    cfg = RunConfig(n_train=12, n_eval=20, n_samples=10, n_sw=6, sample_grid=10, sample_steps=3, loss_eval_n=16, eval_batch_size=4,
                     loss_levels=(0.1, 0.9), device='cpu', metrics=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel'))
     split = load_split(cfg); obj = make_objective(cfg)
     torch.manual_seed(0); net = build_unet(cfg, split.image_shape, split.num_classes)
@@ -287,8 +290,12 @@ def test_evaluate_keys_counts_and_determinism():
     r1, s1 = M.evaluate(net, obj, split, cfg, noise, return_samples=True)
     r2, s2 = M.evaluate(net, obj, split, cfg, noise, return_samples=True)
     assert r1 == r2 and torch.equal(s1, s2) and s1.shape == (10, *split.image_shape)
-    assert set(r1) == {'loss/train', 'loss/test', 'loss_t/0.1/train', 'loss_t/0.1/test', 'loss_t/0.9/train', 'loss_t/0.9/test',
-                       'mem_frac', 'mem_frac_lo', 'mem_frac_hi', 'nn_dist/train', 'nn_dist/test', 'sw_pixel/train', 'sw_pixel/test'}
+    assert set(r1) == {'loss/train', 'loss/test', 'loss_se/train', 'loss_se/test', 'loss_t/0.1/train', 'loss_t/0.1/test', 'loss_t/0.9/train', 'loss_t/0.9/test',
+                       'mem_frac', 'mem_frac_lo', 'mem_frac_hi', 'nn_dist/train', 'nn_dist/test', 'sw_pixel/train', 'sw_pixel/test',
+                       'n/loss/train', 'n/loss/test', 'n/mem_frac', 'threshold/mem_frac', 'space/mem_frac', 'space/nn_dist', 'space/sw_pixel',
+                       'n_gen/nn_dist/train', 'n_ref/nn_dist/train', 'n_gen/nn_dist/test', 'n_ref/nn_dist/test',
+                       'n_gen/sw_pixel/train', 'n_ref/sw_pixel/train', 'n_gen/sw_pixel/test', 'n_ref/sw_pixel/test'}
+    assert (r1['n/loss/train'], r1['n/loss/test'], r1['n/mem_frac'], r1['n_gen/nn_dist/test'], r1['n_gen/sw_pixel/test'], r1['n_ref/sw_pixel/test']) == (512, 16, 10, 10, 6, 20)
     import ot
     u8 = from_model_space(s1)[:6]
     ms = lambda x: (x.double()/127.5 - 1).flatten(1).numpy()
@@ -297,7 +304,8 @@ def test_evaluate_keys_counts_and_determinism():
     # labels for a class-conditional model: balanced i mod K unless given
     assert torch.equal(M.sample_labels(net, 12), torch.arange(12) % 10)
     with pytest.raises(ValueError, match='10 samples need 10 labels, got 3'): M.evaluate(net, obj, split, cfg, noise, labels=torch.zeros(3, dtype=torch.long))
-    assert M.evaluate(net, obj, split, cfg.with_updates(metrics=('loss',)), noise[:0]).keys() == {'loss/train', 'loss/test'}
+    assert M.evaluate(net, obj, split, cfg.with_updates(metrics=('loss',)), noise[:0]).keys() == {'loss/train', 'loss/test', 'loss_se/train', 'loss_se/test', 'n/loss/train', 'n/loss/test'}
+    with pytest.raises(ValueError, match='evaluation noise has 9 rows but this evaluation generates 10 samples'): M.evaluate(net, obj, split, cfg, noise[:9])
     with pytest.raises(ValueError, match='sample set is empty'): M.generate(net, obj, noise[:0])
 
 
@@ -324,3 +332,90 @@ def test_nearest_neighbors_agree_with_brute_force_for_any_blocks():
         np.testing.assert_array_equal(i.numpy(), order)  # near-ties ordered exactly, exact ties by index
         assert (i[:40, :2] == torch.stack([torch.arange(300, 340), torch.arange(20, 60)], 1)).all()
         assert (i[40:50, :2] == torch.stack([torch.arange(10), torch.arange(150, 160)], 1)).all()  # exact ties: lower index first
+
+
+# --- what each number is made of ----------------------------------------------------------------------------------------
+
+class CountingFeatures(M.ImageFeatures):
+    "A stand-in for the Inception network: a fixed random projection to 6 dimensions that records how many images it is given."
+    name, dim = 'counting-stand-in', 6
+    def __init__(self, d:int):
+        super().__init__('cpu'); self.W = torch.randn(d, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64); self.seen = []
+    def __call__(self, images, batch_size=256):
+        self.seen.append(len(images)); return super().__call__(images, batch_size)
+    def forward(self, x): return self.features(x).float()
+    def features(self, x): return torch.tanh(x.flatten(1).double() / 255 @ self.W / 10)
+
+
+def test_fid_uses_every_image_of_each_split():
+    "FID/KID on train: N samples against all N training images; on test: as many samples as the evaluation split against all of it."
+    import ot, scipy.linalg
+    from dmstudy.diffusion import make_objective
+    from dmstudy.unet import build_unet
+    def fid_scipy(a, b):
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        return float(((a.mean(0) - b.mean(0))**2).sum() + np.trace(s1) + np.trace(s2) - 2*np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
+    cfg = RunConfig(n_train=12, n_eval=20, n_samples=4, n_sw=4, sample_steps=2, eval_batch_size=5, unet='micro', device='cpu',
+                    metrics=('sw', 'fid', 'kid'), sw_projections=50)
+    split = load_split(cfg); obj = make_objective(cfg)
+    torch.manual_seed(0); net = build_unet(cfg, split.image_shape, split.num_classes)
+    noise = torch.randn(64, *split.image_shape, generator=torch.Generator().manual_seed(0))
+    M.clear_feature_cache()
+    stand_in = CountingFeatures(3 * math.prod(split.image_shape[1:]))
+    r, s = M.evaluate(net, obj, split, cfg, noise, return_samples=True, inception=stand_in)
+    assert len(s) == 64  # the sample grid's 64 rows are drawn, the metrics take the first rows they need
+    for m in ('fid', 'kid'):
+        assert (r[f'n_gen/{m}/train'], r[f'n_ref/{m}/train'], r[f'n_gen/{m}/test'], r[f'n_ref/{m}/test']) == (12, 12, 20, 20)
+    assert (r['n_gen/sw/test'], r['n_ref/sw/test'], r['space/fid']) == (4, 20, 'counting-stand-in')
+    assert stand_in.seen == [20, 12, 20]  # what the extractor was fed: 20 samples, then the whole train and test splits
+    feats = lambda x: stand_in.features(x.expand(-1, 3, -1, -1)).numpy()
+    fg, ftr, fte = feats(from_model_space(s)), feats(split.train_images), feats(split.eval_images)
+    assert r['fid/train'] == pytest.approx(fid_scipy(fg[:12], ftr), rel=1e-4)
+    assert r['fid/test'] == pytest.approx(fid_scipy(fg[:20], fte), rel=1e-4)
+    assert r['sw/test'] == pytest.approx(ot.sliced_wasserstein_distance(fg[:4], fte, n_projections=50, seed=cfg.seed), rel=1e-4)
+    # fewer generated samples than the split holds: still against the whole split, not its first k images
+    r8 = M.evaluate(net, obj, split, cfg.with_updates(n_fid=8), noise, inception=stand_in)
+    assert (r8['n_gen/fid/train'], r8['n_ref/fid/train'], r8['n_gen/fid/test'], r8['n_ref/fid/test']) == (8, 12, 8, 20)
+    assert stand_in.seen[3:] == [8]  # the reference features come from the cache
+    assert r8['fid/train'] == pytest.approx(fid_scipy(fg[:8], ftr), rel=1e-4)
+    assert abs(r8['fid/train'] - fid_scipy(fg[:8], ftr[:8])) > 1e-3 * r8['fid/train']
+
+
+def test_losses_on_the_configured_images_with_standard_errors():
+    "Test loss on the whole evaluation split, train loss on one batch of B; each with the standard error of its per-image losses."
+    from dmstudy.diffusion import make_objective
+    from dmstudy.unet import build_unet
+    cfg = RunConfig(n_train=12, n_eval=20, batch_size=5, loss_eval_n=None, loss_train_n=None, unet='micro', device='cpu', metrics=('loss', 'loss_t'),
+                    loss_levels=(0.5,))
+    split = load_split(cfg); obj = make_objective(cfg)
+    torch.manual_seed(0); net = build_unet(cfg, split.image_shape, split.num_classes).eval()
+    r = M.evaluate(net, obj, split, cfg, torch.zeros(0, *split.image_shape))
+    assert (r['n/loss/train'], r['n/loss/test']) == (5, 20)
+    imgs = M.loss_images(cfg, split)
+    tr = imgs['train'][0]
+    assert len(tr) == 5 and len({bytes(x.numpy()) for x in tr}) == 5  # one batch of distinct training images
+    assert torch.equal(M.loss_images(cfg, split)['train'][0], tr)  # the same batch at every evaluation
+    assert torch.equal(imgs['test'][0], split.eval_images)
+    for i, name in enumerate(('train', 'test')):
+        v = M.loss_values(net, obj, *imgs[name], gen=M._gen('cpu', cfg.seed + i)).numpy()
+        assert r[f'loss/{name}'] == pytest.approx(v.mean(), rel=1e-12)
+        assert r[f'loss_se/{name}'] == pytest.approx(v.std(ddof=1) / math.sqrt(len(v)), rel=1e-9)
+    assert 'loss_t/0.5/test' in r
+    one = M.evaluate(net, obj, split, cfg.with_updates(batch_size=1), torch.zeros(0, *split.image_shape))
+    assert one['n/loss/train'] == 1 and 'loss_se/train' not in one and 'loss_se/test' in one  # no standard error from one image
+
+
+def test_exact_copy_of_a_duplicated_training_image_is_memorized():
+    "d1 = d2 = 0: memorized here; the reference implementations' d1/d2 < 1/3 on float arrays gives NaN < 1/3, False."
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g)
+    train[40] = train[7]  # a duplicate, as CIFAR-10 has a few
+    samples = torch.cat([train[7:8], train[10:11], torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)])
+    m = M.memorization_fraction(samples, train)
+    X, Q = to_model_space(train).flatten(1).double().numpy(), to_model_space(samples).flatten(1).double().numpy()
+    dist, _ = NearestNeighbors(n_neighbors=2, algorithm='brute').fit(X).kneighbors(Q)
+    with np.errstate(invalid='ignore'): ref = dist[:, 0] / dist[:, 1] < 1/3
+    assert dist[0].tolist() == [0.0, 0.0] and m.d1[0] == m.d2[0] == 0
+    assert m.memorized.tolist() == [True, True, False, False, False]
+    assert ref.tolist() == [False, True, False, False, False]  # the only difference: the exact copy of the duplicated image

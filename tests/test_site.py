@@ -158,16 +158,24 @@ def test_every_page_links_resolve(site):
     from bs4 import BeautifulSoup
     pages = sorted(site.rglob('*.html'))
     assert len(pages) >= 20, [p.name for p in pages]
+    soups = {p.resolve(): BeautifulSoup(p.read_text(), 'html.parser') for p in pages}  # each page parsed once
+    ids = {}
+    def has_id(target, frag):
+        target = target.resolve()
+        if target not in ids:
+            soup = soups[target] if target in soups else BeautifulSoup(target.read_text(), 'html.parser')
+            ids[target] = {el['id'] for el in soup.find_all(id=True)}
+        return frag in ids[target]
     bad = []
     for p in pages:
-        soup = BeautifulSoup(p.read_text(), 'html.parser')
+        soup = soups[p.resolve()]
         for a in soup.find_all('a', href=True):
             h = a['href']
             if re.match(r'^[a-z][a-z0-9+.-]*:', h, re.I): continue
             path, _, frag = h.partition('#')
             target = (p.parent/unquote(path)).resolve() if path else p
             if not target.is_file(): bad.append(f'{p.relative_to(site)} -> {h} (missing)'); continue
-            if frag and target.suffix == '.html' and not BeautifulSoup(target.read_text(), 'html.parser').find(id=frag):
+            if frag and target.suffix == '.html' and not has_id(target, frag):
                 bad.append(f'{p.relative_to(site)} -> {h} (no such anchor)')
     assert not bad, '\n'.join(bad)
 

@@ -49,6 +49,10 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cells = sweep_cells('smoke', root, sets)
     victim = cells[0]
+    # a run of the victim's config that is never interrupted, trained meanwhile (same thread count as the job: one CPU)
+    ref = tmp_path/'ref'; (tmp_path/'ref.yaml').write_text(victim.cfg.to_yaml())
+    ref_proc = subprocess.Popen([sys.executable, '-m', 'dmstudy.cli', 'run', str(tmp_path/'ref.yaml'), '--run-dir', str(ref), '--quiet'],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
 
     def diagnose() -> str:
         jid = cell_job(victim.run_dir)
@@ -76,6 +80,7 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None: proc.kill()
+        ref_out, _ = ref_proc.communicate(timeout=600)
     assert proc.returncode == 0, f"{out}\n{diagnose()}"
     assert re.search(r'submitted job array \d+ \(2 cells\)', out) and 'smoke: 2 done, 0 failed' in out, out
     for c in cells:
@@ -93,11 +98,8 @@ def test_smoke_sweep_on_slurm_with_requeues(slurm, tmp_path, monkeypatch):
     log = RunDir(victim.run_dir).log_path.read_text()
     resumed = [int(m) for m in re.findall(r'resuming .* at step (\d+)', log)]
     assert resumed and all(20 <= k < 300 for k in resumed) and resumed == sorted(resumed), log[-3000:]
-    # and it ends as a run that was never interrupted (same thread count as the job: one CPU)
-    ref = tmp_path/'ref'; (tmp_path/'ref.yaml').write_text(victim.cfg.to_yaml())
-    r = subprocess.run([sys.executable, '-m', 'dmstudy.cli', 'run', str(tmp_path/'ref.yaml'), '--run-dir', str(ref), '--quiet'],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'})
-    assert r.returncode == 0, r.stdout + r.stderr
+    # and it ends as a run that was never interrupted
+    assert ref_proc.returncode == 0, ref_out
     assert _rows(victim.run_dir) == _rows(ref)
     # the results, and a launch that finds everything done
     rc, out, err = main('collect', 'smoke', '--root', root, '--out', tmp_path/'results')

@@ -52,14 +52,15 @@ def assert_same_state(a, b, steps=CFG.steps):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     ref, cut = RunDir(tmp_path/'ref'), RunDir(tmp_path/'cut')
-    p = run_cmd(CFG, ref.path); out = finish(p)
-    assert p.returncode == 0, out
+    r = run_cmd(CFG, ref.path)  # the reference trains meanwhile (one thread each: the same numbers)
     p = run_cmd(CFG, cut.path)
     wait_for(lambda: cut.ckpt_path.exists(), p, 'the first checkpoint')
     time.sleep(random.Random(0).uniform(0.2, 1.5))
     p.send_signal(signal.SIGKILL); p.wait()
     killed_at = cut.load_checkpoint()['step']
     assert killed_at < CFG.steps and cut.status == 'running' and cut.state == 'interrupted'
+    out = finish(r)
+    assert r.returncode == 0, out
     p = run_cmd(CFG, cut.path); out = finish(p)
     assert p.returncode == 0, out
     assert 'resuming' in out
@@ -80,27 +81,64 @@ def test_sigterm_checkpoints_says_stopped_and_resumes(tmp_path):
     assert p.returncode == 0 and rd.status == 'done', out
 
 
+# `dmstudy run` with the network slowed down, and counted, inside its evaluations only: each network evaluation that
+# `train`'s call of `evaluate` makes appends a byte to COUNT_FILE, then sleeps DELAY seconds. Sleeping changes no number,
+# so such a run is bitwise identical to a plain one, and its evaluations last at least (calls per evaluation) * DELAY s.
+SLOW_EVAL = """import sys, time
+from pathlib import Path
+import dmstudy.train
+from dmstudy.unet import UNet
+count_file, delay = Path(sys.argv.pop(1)), float(sys.argv.pop(1))
+inside, evaluate, forward = [False], dmstudy.train.evaluate, UNet.forward
+def evaluating(*a, **kw):
+    inside[0] = True
+    try: return evaluate(*a, **kw)
+    finally: inside[0] = False
+def counted(self, *a, **kw):
+    if inside[0]:
+        with count_file.open('ab') as f: f.write(b'.')
+        time.sleep(delay)
+    return forward(self, *a, **kw)
+dmstudy.train.evaluate, UNet.forward = evaluating, counted
+from dmstudy.cli import main
+sys.exit(main())
+"""
+
+
+def slow_eval_cmd(cfg, run_dir, count_file, delay):
+    "`run_cmd` through SLOW_EVAL: evaluations take `delay` seconds more per network evaluation, counted in `count_file`."
+    cfg_path = Path(str(run_dir) + '.yaml'); cfg_path.write_text(cfg.to_yaml())
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+    return subprocess.Popen([sys.executable, '-c', SLOW_EVAL, str(count_file), str(delay), 'run', str(cfg_path), '--run-dir', str(run_dir), '--quiet'],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
 def test_sigterm_during_a_slow_evaluation_is_honoured_at_once(tmp_path):
-    """A run whose evaluation is slow (many sampling steps) stops within a small fraction of that evaluation's length:
-    the evaluation is abandoned (no row), the training state is checkpointed, the status says stopped; the resumed run
-    evaluates that step again and ends identical to a run that was never stopped."""
-    slow = CFG.with_updates(steps=40, eval_steps=(20, 40), sample_steps=800, n_samples=64, metrics=('loss', 'mem_frac'))
+    """A run whose evaluation is slow (each network evaluation of it takes a second longer) stops within a small fraction
+    of that evaluation's length: the evaluation is abandoned (no row), the training state is checkpointed, the status
+    says stopped; the resumed run evaluates that step again and ends identical to a run that was never stopped."""
+    cfg = CFG.with_updates(steps=40, eval_steps=(20, 40), sample_steps=40, metrics=('loss', 'mem_frac'))
+    delay = 1.0
     ref, cut = RunDir(tmp_path/'ref'), RunDir(tmp_path/'cut')
-    p = run_cmd(slow, ref.path); out = finish(p)
-    assert p.returncode == 0, out
-    eval_s = min(r['eval_time'] for r in ref.read_metrics())
-    p = run_cmd(slow, cut.path)
-    # the evaluation at step 20 begins right after its 20 training steps: wait for the status, then well into the evaluation
-    wait_for(lambda: cut.status == 'running', p, 'the start of training')
-    time.sleep(min(eval_s / 2, 30) + 3)
-    assert not cut.read_metrics(), 'the evaluation ended before the signal; make it slower'
-    t0 = time.monotonic(); p.send_signal(signal.SIGTERM); out = finish(p, 600); stop_s = time.monotonic() - t0
-    assert p.returncode != 0, out
-    assert stop_s < eval_s / 3, f'stopping took {stop_s:.1f} s, an evaluation {eval_s:.1f} s:\n{out}'
-    assert cut.read_metrics() == [] and cut.status == 'stopped: SIGTERM at step 20 (resumable)', (cut.status, out)
+    r = run_cmd(cfg, ref.path)  # the reference trains meanwhile
+    slow_calls = tmp_path/'slow.calls'
+    p = slow_eval_cmd(cfg, cut.path, slow_calls, delay)
+    # the evaluation at step 20 begins right after its 20 training steps: wait until it is a few network evaluations in
+    wait_for(lambda: slow_calls.exists() and slow_calls.stat().st_size >= 4, p, 'the evaluation at step 20')
+    assert not cut.read_metrics(), 'the evaluation ended before the signal'
+    t0 = time.monotonic(); p.send_signal(signal.SIGTERM); stopped = finish(p, 600); stop_s = time.monotonic() - t0
+    assert p.returncode != 0, stopped
+    assert cut.read_metrics() == [] and cut.status == 'stopped: SIGTERM at step 20 (resumable)', (cut.status, stopped)
     assert cut.load_checkpoint()['step'] == 20
-    p = run_cmd(slow, cut.path); out = finish(p)
+    out = finish(r)
+    assert r.returncode == 0, out
+    # resumed without the delay, counting the network evaluations of its two evaluations (steps 20 and 40)
+    calls = tmp_path/'resumed.calls'
+    p = slow_eval_cmd(cfg, cut.path, calls, 0); out = finish(p)
     assert p.returncode == 0 and cut.status == 'done', out
+    eval_s = calls.stat().st_size / 2 * delay  # the least an evaluation of the slowed run lasts
+    assert eval_s >= 30, f'an evaluation makes only {eval_s / delay:.0f} network evaluations; make it longer'
+    assert stop_s < eval_s / 3, f'stopping took {stop_s:.1f} s, an evaluation at least {eval_s:.1f} s:\n{stopped}'
     assert strip_times(ref.read_metrics()) == strip_times(cut.read_metrics())
     assert_same_state(ref.path, cut.path, 40)
 
