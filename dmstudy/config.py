@@ -138,6 +138,8 @@ def _check(c:RunConfig):
     if bad: raise ValueError(f"Unknown metric {bad[0]!r} in RunConfig.metrics; choose from {list(METRICS)}.")
     if c.beta_start > c.beta_end: raise ValueError(f"RunConfig.beta_start={c.beta_start} is above beta_end={c.beta_end}; the DDPM schedule rises.")
     if c.objective == 'rf' and c.sampler in ('ddpm', 'ddim'): raise ValueError(f"Sampler {c.sampler!r} belongs to the ddpm objective; rf samples with 'euler'.")
+    if (c.guidance or c.label_dropout) and c.class_cond is False: raise ValueError("RunConfig.guidance and label_dropout need a class-conditional model; set class_cond to true (or null for a conditional preset) or drop them.")
+    if c.guidance and not c.label_dropout: raise ValueError(f"RunConfig.guidance={c.guidance} needs a model trained with label dropout (only then is the null class learned); set label_dropout, e.g. 0.1.")
     if c.objective == 'ddpm' and c.sampler == 'euler': raise ValueError("Sampler 'euler' belongs to the rf objective; ddpm samples with 'ddpm' or 'ddim'.")
     if c.objective == 'ddpm' and c.sample_steps and c.sample_steps > c.ddpm_T: raise ValueError(f"RunConfig.sample_steps={c.sample_steps} exceeds ddpm_T={c.ddpm_T}; DDPM samples at most once per diffusion step.")
 

@@ -542,13 +542,11 @@ def cell_cost(cfg:RunConfig, # The cell's config
              ) -> dict:
     "What a run costs: parameters, forward GFLOP per image, steps, images seen, evaluations, sampling network evaluations, hours."
     from dmstudy.data import model_image_shape
-    from dmstudy.diffusion import sampling_steps
+    from dmstudy.diffusion import eval_counts, sampling_steps
     shape = model_image_shape(cfg)
     params, gflop = _model_cost(cfg.unet, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
     evals = len(eval_schedule(cfg))
-    gen = max(cfg.n_samples or cfg.n_train, cfg.sample_grid)  # `None`: one sample per training image
-    if {'sw', 'sw_pixel'} & set(cfg.metrics): gen = max(gen, cfg.n_sw)
-    if {'fid', 'kid'} & set(cfg.metrics): gen = max(gen, cfg.n_fid or max(cfg.n_train, cfg.n_eval))  # `None`: as many as each reference split
+    gen = eval_counts(cfg, grid=True)['generate']  # the samples one evaluation draws (and the saved grid)
     nfe = sampling_steps(cfg)
     out = {'params': params, 'gflop': gflop, 'steps': cfg.steps, 'images': cfg.steps * cfg.batch_size, 'evals': evals,
            'sample_nfe': evals * gen * nfe}

@@ -292,6 +292,8 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
                 idx = sampler.next(cfg.batch_size).to(device)
                 x0 = to_model_space(split.train_images[idx])
                 y = labels[idx] if conditional else None
+                if y is not None and cfg.label_dropout:  # classifier-free guidance training: some labels become the null class
+                    y = torch.where(torch.rand(len(y), generator=noise_gen, device=noise_gen.device).to(y.device) < cfg.label_dropout, model.num_classes, y)
                 for gp in opt.param_groups: gp['lr'] = lr_at(cfg, step + 1)
                 with autocast(cfg, device):
                     per, _ = objective.loss(fwd, x0, y, noise_gen)

@@ -106,6 +106,7 @@ class UNet(nn.Module):
                  emb_dim:int=512, # Width of the noise embedding (output of its two-layer MLP)
                  num_classes:int=0, # Number of classes; 0: unconditional (labels are ignored)
                  label_dim:int=512, # Width of the label embedding (concatenated to the noise embedding)
+                 null_label:bool=False, # Learn an embedding row for the null label `num_classes` (classifier-free guidance); `False`: it is the zero vector
                 ):
         super().__init__()
         if resample not in ('resblock', 'conv'): raise ValueError(f"UNet resample={resample!r} must be 'resblock' or 'conv'.")
@@ -115,7 +116,8 @@ class UNet(nn.Module):
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.out_channels, self.noise_features = out_channels or in_channels, noise_features
         self.noise_mlp = nn.Sequential(nn.Linear(noise_features, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(num_classes, label_dim) if num_classes else None
+        self.null_label = bool(null_label and num_classes)
+        self.label_emb = nn.Embedding(num_classes + self.null_label, label_dim) if num_classes else None
         cond_dim = emb_dim + (label_dim if num_classes else 0)
         rb = lambda i, o, r=None: ResBlock(i, o, cond_dim, dropout, r)
         at = lambda ch: Attention(ch, head_dim, qkv_bias, attn_gate)
@@ -145,7 +147,9 @@ class UNet(nn.Module):
         "The conditioning vector `[B, cond_dim]` (after SiLU) of noise levels and labels."
         e = self.noise_mlp(sinusoidal_features(c_noise, self.noise_features))
         if self.label_emb is not None:
-            if y is None: l = e.new_zeros(len(e), self.label_emb.embedding_dim)
+            if self.null_label:  # the null label (and `None`) is the learned row `num_classes`
+                l = self.label_emb(torch.full((len(e),), self.num_classes, device=e.device) if y is None else y.clamp(max=self.num_classes))
+            elif y is None: l = e.new_zeros(len(e), self.label_emb.embedding_dim)
             else: l = self.label_emb(y.clamp(max=self.num_classes - 1))*(y < self.num_classes)[:, None].to(e.dtype)
             e = torch.cat([e, l], dim=1)
         return F.silu(e)
@@ -210,16 +214,18 @@ def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.class_cond` an
                image_shape:tuple, # (C, H, W) of the data
                num_classes:int=10, # Classes of the data set (used when the model is class-conditional)
                device=None): # Device to build on (`meta` for counting only); `None`: the CPU
-    "The U-Net of a config, sized for the data."
+    "The U-Net of a config, sized for the data (with a learned null label when the config trains or samples with classifier-free guidance)."
     if cfg.unet not in UNET_PRESETS: raise ValueError(f"Unknown U-Net preset {cfg.unet!r}; choose one of {list(UNET_PRESETS)}.")
     kw = dict(UNET_PRESETS[cfg.unet])
     preset_cond = kw.pop('class_cond')
     class_cond = preset_cond if cfg.class_cond is None else cfg.class_cond
     if cfg.dropout is not None: kw['dropout'] = cfg.dropout
+    cfg_free = cfg.label_dropout > 0 or cfg.guidance > 0
+    if cfg_free and not class_cond: raise ValueError(f"label_dropout and guidance need a class-conditional model, and U-Net {cfg.unet!r} is unconditional here; set class_cond: true or drop them.")
     C, H, W = image_shape
     if H != W: raise ValueError(f"The U-Net takes square images, got {H}x{W}; set RunConfig.image_size.")
     with torch.device(device or 'cpu'):
-        return UNet(image_size=H, in_channels=C, num_classes=num_classes if class_cond else 0, **kw)
+        return UNet(image_size=H, in_channels=C, num_classes=num_classes if class_cond else 0, null_label=cfg_free, **kw)
 
 # %% ../nbs/02_unet.ipynb #1a1367c7
 def preflight(cfg:RunConfig) -> tuple:

@@ -57,3 +57,22 @@ def test_the_same_sweep_with_its_files_goes_past_the_check(bare_machine):
     r = dmstudy('sweep', 'paper-dataset-size', '--dry-run', env=env, cwd=tmp)
     assert r.returncode == 0 and 'n16384_p93m_b16_lr1e-4_s0' in r.stdout, r.stdout + r.stderr
     assert not (tmp/'runs').exists()
+
+
+def test_label_dropout_trains_the_null_class_and_guidance_samples_with_it(tmp_path):
+    "With label dropout the U-Net learns a null-label row (Adam has moved it), a guided evaluation runs; without, the table is the preset's."
+    from dmstudy.config import RunConfig
+    from dmstudy.rundir import RunDir
+    from dmstudy.train import train
+    from dmstudy.unet import build_unet
+    base = RunConfig(n_train=16, unet='micro', steps=12, batch_size=8, lr=1e-3, eval_steps=(12,), n_samples=4, sample_steps=2,
+                     sample_grid=4, metrics=('loss', 'mem_frac'), loss_eval_n=8, loss_levels=(0.5,), device='cpu')
+    for cfg, rows in ((base.with_updates(label_dropout=0.5, guidance=1.0), 11), (base, 10)):
+        d = tmp_path/f'rows{rows}'
+        r = train(cfg, d)
+        assert r.status == 'done' and 'mem_frac' in r.metrics, r
+        ck = RunDir(d).load_checkpoint()
+        assert ck['model']['label_emb.weight'].shape[0] == rows
+        names = [n for n, _ in build_unet(cfg, (1, 16, 16), 10).named_parameters()]
+        m = ck['opt']['state'][names.index('label_emb.weight')]['exp_avg']
+        if rows == 11: assert m[10].abs().sum() > 0  # the null row: moved by the dropped labels
