@@ -75,7 +75,7 @@ def test_sliced_wasserstein_equals_pot():
 
 # --- Inception, FID, KID ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def inception_sets():
     "Inception features of two small image sets (gray digits and colour noise), through the project's extractor."
     g = torch.Generator().manual_seed(0)

@@ -78,7 +78,7 @@ STANDIN = textwrap.dedent(f'''\
     ''')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def standin(tmp_path_factory):
     "A directory holding the stand-in `quarto`."
     d = tmp_path_factory.mktemp('bin')
@@ -86,7 +86,7 @@ def standin(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def quarto_site(standin, tmp_path_factory):
     "`dmstudy report --backend quarto` with the stand-in on the PATH."
     from dmstudy.cli import main
@@ -97,7 +97,7 @@ def quarto_site(standin, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def site(tmp_path_factory):
     "The fallback site, rendered without Quarto."
     from dmstudy.site import render_site
@@ -205,7 +205,7 @@ def chromium():
     pytest.skip(msg)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def page():
     exe = chromium()
     from playwright.sync_api import sync_playwright  # in the dev extra: its absence is an error, not a skip
@@ -221,7 +221,7 @@ def page():
         browser.close()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def shots(tmp_path_factory):
     d = Path(os.environ.get('DMSTUDY_SCREENSHOTS') or tmp_path_factory.mktemp('screenshots'))
     d.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def injected(nb_path) -> str:
     return ''.join(cells[0]['source'])
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def smoke(tmp_path_factory):
     "The smoke sweep, run once with `dmstudy sweep smoke --jobs 2`: (root, result, seconds)."
     root = tmp_path_factory.mktemp('smoke')/'runs'
