@@ -142,7 +142,7 @@ def slurm(tmp_path_factory):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    if getattr(config.option, 'dist', 'no') != 'loadgroup': return
+    if not (getattr(config.option, 'loadgroup', False) or getattr(config.option, 'dist', 'no') == 'loadgroup'): return  # a worker sees dist 'no' and loadgroup True
     parent = {}
     def find(k):
         while parent.setdefault(k, k) != k: k = parent[k]
