@@ -125,7 +125,7 @@ def _preset_params(key:tuple) -> float:
 
 def unet_params(cfg:RunConfig) -> float:
     "Parameter count of a config's U-Net, computed on the `meta` device (NaN when it cannot be built)."
-    return _preset_params(tuple((k, getattr(cfg, k)) for k in ('unet', 'dataset', 'channels', 'image_size', 'class_cond', 'dropout')))
+    return _preset_params(tuple((k, getattr(cfg, k)) for k in ('unet', 'width', 'dataset', 'channels', 'image_size', 'class_cond', 'dropout')))
 
 # %% ../nbs/06_analysis.ipynb #31861c3c
 def _run_rows(rd:Path, params:bool) -> tuple:

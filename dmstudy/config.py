@@ -28,6 +28,7 @@ class RunConfig:
     data_path:str|None=None # The `.npz` file for `dataset='npz'` (arrays `train_images`, `train_labels`, optional `test_*`)
     n_train:int=256 # N, the number of training images
     subset:str='first' # `first`: the first N training images in index order (the paper); `balanced`: N/10 per class
+    subset_offset:int=0 # With `first`: take the N images from index `subset_offset` on; offsets 0 and N give two disjoint training sets (paired runs)
     n_eval:int=5120 # Size of the fixed evaluation (test) set; all test images when fewer exist
     image_size:int|None=16 # Side of the square images the model sees (pad or resize); `None`: native size
     resize:str='pad' # How to reach `image_size`: `pad` (centre, with the background value) or `resize` (bilinear)
@@ -39,6 +40,7 @@ class RunConfig:
     unet:str='cpu-16' # U-Net preset name, a key of `dmstudy.unet.UNET_PRESETS`
     class_cond:bool|None=None # Class-conditional model; `None`: the preset's own choice
     dropout:float|None=None # Override the preset's dropout; `None`: the preset's own value
+    width:int|None=None # Base channels of the U-Net; `None`: the preset's own (model-size sweeps vary it: the paper's five sizes are its default U-Net at five widths)
     # --- objective and sampling
     objective:str='rf' # `rf` (rectified flow, the paper) or `ddpm` (epsilon-prediction, Ho et al. 2020)
     ddpm_T:int=1000 # Number of DDPM diffusion steps
@@ -66,6 +68,7 @@ class RunConfig:
     eval_per_decade:int=16 # Log-spaced evaluation points per decade of steps (the final step is always evaluated); 16: a point every 0.0625 decade, so the loss-gap onset and the first fidelity minimum are resolved
     eval_every:int|None=None # Also evaluate every this many steps (the paper plots a point about every 1,000 steps early on); `None`: the log schedule alone
     eval_steps:tuple[int, ...]=() # Explicit evaluation steps; overrides the log schedule when given
+    feature_per_decade:int|None=None # Compute the Inception-space metrics (sw, fid, kid) only at this many log-spaced evaluations per decade (a subset of the schedule; a divisor of `eval_per_decade`) and at the last step; `None`: at every evaluation
     snapshot_steps:tuple[int, ...]=() # Steps at which to keep a copy of the checkpoint (`ckpt/step_XXXXXXX.pt`)
     # --- metrics
     metrics:tuple[str, ...]=('loss', 'loss_t', 'mem_frac', 'nn_dist', 'sw_pixel') # Metrics to compute: `loss`, `loss_t`, `mem_frac`, `nn_dist`, `copy_score`, `sw`, `sw_pixel`, `fid`, `kid`, `emp_denoiser` (distance to the closed-form empirical denoiser by noise level), `rel_dist` (Halder's relative distance)
@@ -107,7 +110,9 @@ _RANGES = [  # (fields, test of one value, what the value must be)
     (('n_train',), lambda v: v >= 2, 'at least 2 (the memorization ratio compares the two nearest training images)'),
     (('steps', 'batch_size', 'n_eval', 'eval_first', 'eval_per_decade', 'eval_batch_size', 'ddpm_T', 'n_sw',
       'sw_projections', 'sample_grid'), lambda v: v >= 1, 'a positive integer'),
-    (('warmup_steps',), lambda v: v >= 0, 'a non-negative integer'),
+    (('warmup_steps', 'subset_offset'), lambda v: v >= 0, 'a non-negative integer'),
+    (('width',), lambda v: v is None or v >= 4, 'an integer of at least 4, or null for the preset\'s own'),
+    (('feature_per_decade',), lambda v: v is None or v >= 1, 'a positive integer or null'),
     (('seed',), lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'),
     (('sample_steps', 'n_fid', 'n_samples', 'loss_eval_n', 'loss_train_n', 'eval_every'), lambda v: v is None or v >= 1, 'a positive integer or null'),
     (('guidance',), lambda v: v >= 0, 'non-negative (0: no guidance)'),
@@ -141,6 +146,9 @@ def _check(c:RunConfig):
     if (c.guidance or c.label_dropout) and c.class_cond is False: raise ValueError("RunConfig.guidance and label_dropout need a class-conditional model; set class_cond to true (or null for a conditional preset) or drop them.")
     if c.guidance and not c.label_dropout: raise ValueError(f"RunConfig.guidance={c.guidance} needs a model trained with label dropout (only then is the null class learned); set label_dropout, e.g. 0.1.")
     if c.objective == 'ddpm' and c.sampler == 'euler': raise ValueError("Sampler 'euler' belongs to the rf objective; ddpm samples with 'ddpm' or 'ddim'.")
+    if c.subset_offset and c.subset != 'first': raise ValueError(f"RunConfig.subset_offset={c.subset_offset} applies to subset 'first' only; set subset: first or drop the offset.")
+    if c.feature_per_decade and (c.eval_steps or c.eval_per_decade % c.feature_per_decade):
+        raise ValueError(f"RunConfig.feature_per_decade={c.feature_per_decade} must divide eval_per_decade={c.eval_per_decade} and needs the log schedule (no eval_steps), so that its evaluations are scheduled ones.")
     if c.objective == 'ddpm' and c.sample_steps and c.sample_steps > c.ddpm_T: raise ValueError(f"RunConfig.sample_steps={c.sample_steps} exceeds ddpm_T={c.ddpm_T}; DDPM samples at most once per diffusion step.")
 
 # %% ../nbs/00_config.ipynb #43508136

@@ -279,11 +279,17 @@ def load_npz(path) -> tuple:
     return tx, ty, vx, vy, classes
 
 # %% ../nbs/01_data.ipynb #034b0384
-def subset_indices(labels:np.ndarray, n:int, rule:str='first', num_classes:int|None=None) -> np.ndarray:
-    "Indices of the training subset: the first `n` (`first`) or `n/K` per class, earliest first (`balanced`)."
+def subset_indices(labels:np.ndarray, # Labels of the whole training set
+                   n:int, # N, the size of the subset
+                   rule:str='first', # `first` or `balanced`
+                   num_classes:int|None=None, # Classes of the data set (`balanced`); `None`: from the labels
+                   offset:int=0, # `first` only: start at this index (offsets 0 and N give disjoint subsets)
+                  ) -> np.ndarray:
+    "Indices of the training subset: `n` images in index order from `offset` (`first`) or `n/K` per class, earliest first (`balanced`)."
     labels = np.asarray(labels)
     if n > len(labels): raise ValueError(f"n_train={n} is larger than the {len(labels)} training images of this data set; choose n_train <= {len(labels)}.")
-    if rule == 'first': return np.arange(n)
+    if offset + n > len(labels): raise ValueError(f"subset_offset={offset} with n_train={n} reaches past the {len(labels)} training images of this data set; choose subset_offset <= {len(labels) - n}.")
+    if rule == 'first': return np.arange(offset, offset + n)
     if rule != 'balanced': raise ValueError(f"Unknown subset rule {rule!r}; use 'first' or 'balanced'.")
     k = num_classes or int(labels.max()) + 1
     want = [n // k + (1 if c < n % k else 0) for c in range(k)]
@@ -342,7 +348,7 @@ def data_source(cfg:RunConfig) -> dict:
 def load_split(cfg:RunConfig, device=None) -> Split:
     "Load the training subset and the fixed evaluation set of `cfg` onto `device` (default: the config's device)."
     tx, ty, vx, vy, classes = load_arrays(cfg)
-    idx = subset_indices(ty, cfg.n_train, cfg.subset, len(classes))
+    idx = subset_indices(ty, cfg.n_train, cfg.subset, len(classes), cfg.subset_offset)
     if vx is None:  # no test split: evaluate on training images outside the subset
         rest = np.setdiff1d(np.arange(len(tx)), idx)
         vx, vy = tx[rest], ty[rest]
@@ -380,6 +386,7 @@ def check_data(cfg:RunConfig) -> tuple:
     (c, h, w), k, n, labels, has_test = _facts(cfg)
     if cfg.n_train > n: raise ValueError(f"n_train={cfg.n_train} is larger than the {n} training images of {cfg.dataset}; choose n_train <= {n}.")
     if not has_test and cfg.n_train >= n: raise ValueError(f"n_train={cfg.n_train} leaves none of the {n} images of {cfg.data_path or cfg.dataset} to evaluate on (it has no test split); choose n_train < {n} or add test_images.")
+    if cfg.subset_offset + cfg.n_train > n: raise ValueError(f"subset_offset={cfg.subset_offset} with n_train={cfg.n_train} reaches past the {n} training images of {cfg.dataset}; choose subset_offset <= {n - cfg.n_train}.")
     if labels is not None: subset_indices(labels, cfg.n_train, cfg.subset, k)  # a balanced subset needs N/K of each class
     s = cfg.image_size
     if s is None and h != w: raise ValueError(f"The {cfg.dataset} images are {h}×{w}, not square; set RunConfig.image_size.")

@@ -48,7 +48,7 @@ class Sweep:
     @property
     def axes(self) -> list:
         "The swept fields, in the order they first appear."
-        return list(dict.fromkeys(k for p in self.points for k in p))
+        return list(dict.fromkeys(k for p in self.points for k in p if k != 'seeds'))
 
     @property
     def ref(self) -> str:
@@ -85,10 +85,13 @@ def sweep_from_dict(d:dict, # A parsed sweep file
     base = check_fields(d.get('base') or {}, f'the base of {where}')
     points = _grid_points(d['grid'], where)
     for p in points:
+        if 'seeds' in p and (not isinstance(p['seeds'], list) or not p['seeds'] or not all(isinstance(s, int) and not isinstance(s, bool) for s in p['seeds'])):
+            raise ValueError(f"`seeds` in the grid point {p} of {where} must be a non-empty list of integers (the seeds of that point alone).")
         for k in p:
+            if k == 'seeds': continue
             if k not in CONFIG_FIELDS: raise ValueError(f"Unknown sweep axis {k!r} in {where}; did you mean {closest(k, CONFIG_FIELDS)!r}?")
             if k == 'seed': raise ValueError(f"{where} sweeps `seed` as an axis; list the seeds under `seeds:` instead.")
-    points = [{k: coerce_field(k, v, f'the grid of {where}') for k, v in p.items()} for p in points]
+    points = [{k: v if k == 'seeds' else coerce_field(k, v, f'the grid of {where}') for k, v in p.items()} for p in points]
     seeds = d.get('seeds', [0])
     seeds = tuple(seeds) if isinstance(seeds, list) else (seeds,)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds): raise ValueError(f"`seeds` in {where} must be a list of integers, got {d.get('seeds')!r}.")
@@ -122,7 +125,10 @@ class Cell:
     point:dict # What sets it apart from the sweep's base: its grid values, seed and overrides
     run_dir:Path # `runs/<sweep>/<cell_id>/`
 
-def _tag(axis:str, v) -> str:
+def _tag(axis:str, v, base=None) -> str:
+    "The id part of a grid value that `cell_id` does not spell; a list (e.g. `metrics`) is told by what it adds to or drops from the base's."
+    if isinstance(v, (list, tuple)) and isinstance(base, (list, tuple)):
+        v = ''.join([f'+{x}' for x in v if x not in base] + [f'-{x}' for x in base if x not in v])
     return '_' + re.sub(r'[^A-Za-z0-9._+-]', '', f'{axis}{v}')
 
 def sweep_cells(sweep, # A `Sweep`, or its name or path
@@ -136,11 +142,12 @@ def sweep_cells(sweep, # A `Sweep`, or its name or path
     if clash: raise ValueError(f"{clash[0]!r} is an axis of sweep {sw.name!r}; it cannot also be set for every cell.")
     cells, seen = [], {}
     for p in sw.points:
-        for s in sw.seeds:
+        seeds, p = p.get('seeds', sw.seeds), {k: v for k, v in p.items() if k != 'seeds'}
+        for s in seeds:
             point = {**p, 'seed': s, **overrides}
             try: cfg = RunConfig.from_dict({**sw.base, **point})
             except (KeyError, ValueError, TypeError) as e: raise ValueError(f"Sweep {sw.name!r}, grid point {p}: {e.args[0] if e.args else e}") from None
-            cid = cell_id(cfg) + ''.join(_tag(k, p[k]) for k in p if k not in ID_FIELDS)
+            cid = cell_id(cfg) + ''.join(_tag(k, p[k], sw.base.get(k, getattr(RunConfig, k, None))) for k in p if k not in ID_FIELDS)
             if cid in seen: raise ValueError(f"Sweep {sw.name!r} has two cells with the id {cid!r} (grid points {seen[cid]} and {p}); make the points differ.")
             seen[cid] = p
             cells.append(Cell(sw.name, cid, cfg, point, Path(root if root is not None else runs_root())/sw.name/cid))
@@ -531,9 +538,9 @@ def check_launch(cells:list):
 
 # %% ../nbs/08_sweep.ipynb #054b468d
 @functools.lru_cache(maxsize=64)
-def _model_cost(unet:str, shape:tuple, class_cond, dropout) -> tuple:
+def _model_cost(unet:str, width, shape:tuple, class_cond, dropout) -> tuple:
     from dmstudy.unet import build_unet, count_params, unet_flops
-    m = build_unet(RunConfig(unet=unet, class_cond=class_cond, dropout=dropout), shape, 10, device='meta')
+    m = build_unet(RunConfig(unet=unet, width=width, class_cond=class_cond, dropout=dropout), shape, 10, device='meta')
     return count_params(m), unet_flops(m, shape) / 1e9
 
 def cell_cost(cfg:RunConfig, # The cell's config
@@ -544,7 +551,7 @@ def cell_cost(cfg:RunConfig, # The cell's config
     from dmstudy.data import model_image_shape
     from dmstudy.diffusion import eval_counts, sampling_steps
     shape = model_image_shape(cfg)
-    params, gflop = _model_cost(cfg.unet, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
+    params, gflop = _model_cost(cfg.unet, cfg.width, shape, cfg.class_cond, cfg.dropout) if shape else (math.nan, math.nan)
     evals = len(eval_schedule(cfg))
     gen = eval_counts(cfg, grid=True)['generate']  # the samples one evaluation draws (and the saved grid)
     nfe = sampling_steps(cfg)

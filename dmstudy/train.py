@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from .config import (RunConfig, cell_id, make_generators, generator_states, set_generator_states,
                             resolve_device, seed_everything)
-from .rundir import RunDir, DiskFull, eval_schedule, stopped_status
+from .rundir import RunDir, DiskFull, eval_schedule, metrics_at, stopped_status
 from .data import Split, load_split, to_model_space, from_model_space
 from .unet import build_unet, count_params
 from .diffusion import make_objective, prepare_model, autocast, eval_counts
@@ -253,7 +253,8 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         eval_model = ema if cfg.eval_model == 'ema' else model
         rng, te = torch.get_rng_state(), time.perf_counter()
         ebar = None if quiet else tqdm(total=nfe, desc=f'evaluating step {step}', leave=False, dynamic_ncols=True, mininterval=1.0, unit='nfe')
-        try: m, samples = evaluate(EvalWatch(eval_model, stop, ebar), objective, split, cfg, eval_noise, gen=_eval_generator(cfg, device), return_samples=True)
+        ecfg = cfg if (ms := metrics_at(cfg, step)) == tuple(cfg.metrics) else cfg.with_updates(metrics=ms)  # Inception-space metrics on their thinner grid
+        try: m, samples = evaluate(EvalWatch(eval_model, stop, ebar), objective, split, ecfg, eval_noise, gen=_eval_generator(cfg, device), return_samples=True)
         except EvalAbandoned:
             torch.set_rng_state(rng); return False
         finally:

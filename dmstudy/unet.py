@@ -210,7 +210,7 @@ UNET_PRESETS = {
 }
 
 # %% ../nbs/02_unet.ipynb #4a04c4a4
-def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.class_cond` and `cfg.dropout` override it when not `None`
+def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.width`, `cfg.class_cond` and `cfg.dropout` override it when not `None`
                image_shape:tuple, # (C, H, W) of the data
                num_classes:int=10, # Classes of the data set (used when the model is class-conditional)
                device=None): # Device to build on (`meta` for counting only); `None`: the CPU
@@ -220,6 +220,7 @@ def build_unet(cfg:RunConfig, # `cfg.unet` names the preset; `cfg.class_cond` an
     preset_cond = kw.pop('class_cond')
     class_cond = preset_cond if cfg.class_cond is None else cfg.class_cond
     if cfg.dropout is not None: kw['dropout'] = cfg.dropout
+    if cfg.width is not None: kw['channels'] = cfg.width
     cfg_free = cfg.label_dropout > 0 or cfg.guidance > 0
     if cfg_free and not class_cond: raise ValueError(f"label_dropout and guidance need a class-conditional model, and U-Net {cfg.unet!r} is unconditional here; set class_cond: true or drop them.")
     C, H, W = image_shape
