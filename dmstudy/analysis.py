@@ -11,8 +11,8 @@ __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'COPY_SPACES'
            'has_metric', 'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem',
            'tau_mem_by_level', 'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'mem_label', 'best_fidelity',
            'double_descent', 'Ratio', 'trajectory_gain', 'level_gaps', 'level_concordance', 'split_distances',
-           'split_table', 'normalized_step', 'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize', 'save_results',
-           'read_results']
+           'split_table', 'paired_runs', 'pair_agreement', 'agreement_rows', 'normalized_step', 'ScalingFit',
+           'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, math, os, warnings
@@ -93,7 +93,7 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
     return path
 
 # %% ../nbs/06_analysis.ipynb #40757c7d
-RUN_COLUMNS = ['sweep', 'run_dir', 'cell_id', 'dataset', 'N', 'params', 'unet', 'B', 'lr', 'objective', 'seed']
+RUN_COLUMNS = ['sweep', 'run_dir', 'cell_id', 'dataset', 'N', 'params', 'unet', 'B', 'lr', 'objective', 'seed', 'subset_offset']
 TIDY_COLUMNS = RUN_COLUMNS + ['step', 'images_seen', 'metric', 'split', 'value']
 SPLITS = ('train', 'test')
 
@@ -138,7 +138,8 @@ def _run_rows(rd:Path, params:bool) -> tuple:
         if p is None and isinstance(r.get('params'), (int, float)): p = r['params']
     if p is None: p = unet_params(cfg) if params else math.nan
     run = dict(sweep=rd.parent.name, run_dir=str(rd), cell_id=cell_id(cfg), dataset=cfg.dataset, N=cfg.n_train,
-               params=float(p), unet=cfg.unet, B=cfg.batch_size, lr=float(cfg.lr), objective=cfg.objective, seed=cfg.seed)
+               params=float(p), unet=cfg.unet, B=cfg.batch_size, lr=float(cfg.lr), objective=cfg.objective, seed=cfg.seed,
+               subset_offset=cfg.subset_offset)
     rows = []
     for r in recs:
         step = int(r['step']); seen = int(r.get('images_seen', step * cfg.batch_size))
@@ -157,7 +158,7 @@ def load_runs(paths, # Run directories, or folders holding them (searched recurs
         frames.append(pd.DataFrame(rows, columns=['step', 'images_seen', 'metric', 'split', 'value']).assign(**run))
     if not frames: raise FileNotFoundError(f"No run directories (folders holding a run's config) under {paths}.")
     df = pd.concat(frames, ignore_index=True)[TIDY_COLUMNS]
-    return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
+    return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'subset_offset': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
 
 # %% ../nbs/06_analysis.ipynb #881e5877
 def as_run(run) -> pd.DataFrame:
@@ -487,6 +488,44 @@ def split_table(cfgs, # RunConfigs of a sweep's runs
             if m in d: rows.append(dict(N=c.n_train, metric=m, value=d[m], n_train=d['n_train'] if m in ('fid', 'kid') else d['n_sw'], n_test=d['n_test']))
     return pd.DataFrame(rows, columns=['N', 'metric', 'value', 'n_train', 'n_test'])
 
+# %% ../nbs/06_analysis.ipynb #1420b36d
+def paired_runs(run_dirs, # Run directories (e.g. of one sweep)
+               ) -> list:
+    "(first, partner) run directories of every pair: configs equal but for a disjoint training subset (and what they measure)."
+    cfgs = {Path(d): RunDir(d).read_config() for d in dict.fromkeys(map(str, run_dirs))}
+    key = lambda c: c.with_updates(subset_offset=0, metrics=(), feature_per_decade=None)
+    firsts = {key(c): d for d, c in cfgs.items() if c.subset_offset == 0}
+    return [(firsts[key(c)], d) for d, c in cfgs.items() if c.subset_offset >= c.n_train and key(c) in firsts]
+
+# %% ../nbs/06_analysis.ipynb #507ea02e
+def pair_agreement(first, # Run directory of the first run of a pair
+                   partner, # Run directory of its partner (same evaluation noise)
+                  ) -> pd.DataFrame:
+    "Agreement of two runs at every step both saved a sample grid: mean cosine similarity and RMS pixel distance (model space), image pair by image pair."
+    from dmstudy.probes import sample_agreement
+    ra, rb = RunDir(first), RunDir(partner)
+    shape = model_image_shape(ra.read_config())
+    if shape is None: raise ValueError(f"The images of {first} have no fixed shape (npz data); the sample grids cannot be cut into images.")
+    rows = []
+    for s in sorted(set(ra.sample_steps()) & set(rb.sample_steps())):
+        a, b = (torch.from_numpy(r.read_samples(s, shape[1])[..., :shape[0]]).permute(0, 3, 1, 2) for r in (ra, rb))
+        n = min(len(a), len(b)); g = sample_agreement(a[:n], b[:n])
+        rows.append(dict(step=s, agree_cos=g['cos'], agree_l2=g['l2'], n=g['n']))
+    return pd.DataFrame(rows, columns=['step', 'agree_cos', 'agree_l2', 'n'])
+
+# %% ../nbs/06_analysis.ipynb #4bee86e2
+def agreement_rows(df:pd.DataFrame, # Tidy table of a sweep (`load_runs`)
+                  ) -> pd.DataFrame:
+    "Tidy rows `agree_cos` and `agree_l2` of every paired run, filed under the partner's run columns (empty when the sweep has no pairs)."
+    runs = df.drop_duplicates('run_dir').set_index('run_dir')
+    out = []
+    for a, b in paired_runs(runs.index):
+        g = pair_agreement(a, b); info = runs.loc[str(b), [c for c in RUN_COLUMNS if c != 'run_dir']]
+        for m in ('agree_cos', 'agree_l2'):
+            out.append(pd.DataFrame({'run_dir': str(b), **info.to_dict(), 'step': g.step, 'images_seen': g.step * int(info.B), 'metric': m, 'split': '', 'value': g[m]}))
+    if not out: return pd.DataFrame(columns=TIDY_COLUMNS)
+    return pd.concat(out, ignore_index=True)[TIDY_COLUMNS].astype(df[TIDY_COLUMNS].dtypes.to_dict())
+
 # %% ../nbs/06_analysis.ipynb #29801e64
 N_MIN, B_MIN, LR_MIN = 2048, 16, 1e-5
 AXES = {'N': lambda d: N_MIN / d['N'], 'B': lambda d: d['B'] / B_MIN, 'lr': lambda d: d['lr'] / LR_MIN}
@@ -591,5 +630,7 @@ def read_results(path) -> pd.DataFrame:
     "Read a tidy table written by `save_results`."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"No results file {path}; run the sweep or `dmstudy aggregate` to write it.")
-    df = pd.read_parquet(path); _check_tidy(df, str(path))
+    df = pd.read_parquet(path)
+    if 'subset_offset' not in df and 'seed' in df: df.insert(list(df.columns).index('seed') + 1, 'subset_offset', 0)  # tables written before the column: every run took the first N
+    _check_tidy(df, str(path))
     return df

@@ -720,14 +720,15 @@ def collect(sweep, # Sweep name or YAML path
             out='results', # Folder of the results
             samples:str='none', # Copy sample grids to `out/<sweep>/<cell_id>/`: `none`, `last` or `all`
            ) -> tuple:
-    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy), `out/<sweep>_summary.csv` and the references' distances `out/<sweep>_splits.csv`; returns the first two paths."
+    "Aggregate a sweep's runs into `out/<sweep>.parquet` (tidy, with the agreement of paired runs), `out/<sweep>_summary.csv` and the references' distances `out/<sweep>_splits.csv`; returns the first two paths."
     import warnings
-    from dmstudy.analysis import load_runs, save_results, split_table, summarize
+    from dmstudy.analysis import agreement_rows, load_runs, save_results, split_table, summarize
     if samples not in ('none', 'last', 'all'): raise ValueError(f"samples must be 'none', 'last' or 'all', got {samples!r}.")
     sw = load_sweep(sweep)
     runs = [d for d in sweep_runs(sw, root) if RunDir(d).last_metrics()]
     if not runs: raise FileNotFoundError(f"No run of sweep {sw.name!r} has evaluations yet under {Path(root if root is not None else runs_root())/sw.name}; run `dmstudy sweep {sw.name}` first.")
     df = load_runs(runs)
+    if len(ag := agreement_rows(df)): df = pd.concat([df, ag], ignore_index=True)  # paired runs: the agreement of their samples
     df['sweep'] = sw.name
     df['sweep_axis'] = NORMALIZE.get(sw.normalize, '')
     out = Path(out)
