@@ -418,3 +418,25 @@ def test_exact_copy_of_a_duplicated_training_image_is_memorized():
     assert dist[0].tolist() == [0.0, 0.0] and m.d1[0] == m.d2[0] == 0
     assert m.memorized.tolist() == [True, True, False, False, False]
     assert ref.tolist() == [False, True, False, False, False]  # the only difference: the exact copy of the duplicated image
+
+
+def test_inception_metrics_on_their_thinner_grid_change_nothing_else(tmp_path):
+    "With `feature_per_decade`, training computes sw/fid only on the thinner log grid and the last step; every other number is as without it."
+    from dmstudy.train import train
+    from dmstudy.rundir import RunDir, eval_schedule, metrics_at
+    fake = tmp_path/'inception.pth'; fake.write_bytes(b'')  # a weights file name; the extractor under its key is a stand-in
+    cfg = RunConfig(n_train=8, n_eval=12, unet='micro', steps=20, batch_size=4, lr=1e-3, eval_first=2, eval_per_decade=2, n_samples=8,
+                    n_sw=8, n_fid=8, sample_steps=2, sample_grid=8, loss_eval_n=8, loss_train_n=8, device='cpu', sw_projections=20,
+                    metrics=('loss', 'mem_frac', 'sw', 'fid'), inception_path=str(fake))
+    M._EXTRACTORS[('inception', str(fake), 'cpu')] = StandInFeatures(3 * 16 * 16)
+    try:
+        thin, full = cfg.with_updates(feature_per_decade=1), cfg
+        for c, d in ((thin, tmp_path/'thin'), (full, tmp_path/'full')): train(c, d, quiet=True)
+    finally: M._EXTRACTORS.pop(('inception', str(fake), 'cpu'), None)
+    a, b = RunDir(tmp_path/'thin').read_metrics(), RunDir(tmp_path/'full').read_metrics()
+    assert [r['step'] for r in a] == [r['step'] for r in b] == eval_schedule(cfg) == [2, 6, 20]
+    assert [s for s in eval_schedule(thin) if 'sw' in metrics_at(thin, s)] == [2, 20]  # on the grid of 1 per decade (20 is also the last)
+    assert [('fid/test' in r) for r in a] == [True, False, True] and all('fid/test' in r for r in b)
+    for ra, rb in zip(a, b):  # the same losses, memorization and samples: the Inception metrics draw no randomness
+        assert {k: v for k, v in ra.items() if 'time' not in k} == {k: v for k, v in rb.items() if 'time' not in k and (k in ra or k.split('/')[0] not in ('sw', 'fid', 'n_gen', 'n_ref', 'space'))}
+        assert (RunDir(tmp_path/'thin').sample_path(ra['step']).read_bytes() == RunDir(tmp_path/'full').sample_path(rb['step']).read_bytes())
