@@ -24,7 +24,7 @@ from .diffusion import make_objective, prepare_model, autocast, eval_counts
 from .metrics import evaluate
 
 # %% ../nbs/05_train.ipynb #a7c3e5b1
-from .probes import probe_metrics  # measures beyond metrics.evaluate, merged into each evaluation's row
+from .probes import emp_denoiser_n, probe_metrics  # measures beyond metrics.evaluate, merged into each evaluation's row
 
 # %% ../nbs/05_train.ipynb #60f2fd61
 class IndexSampler:
@@ -124,10 +124,11 @@ def eval_nfe(cfg:RunConfig, # The run's config
              objective, # Its objective (its default sampling steps)
              sizes, # A `Split`, or (N, evaluation split size)
             ) -> int:
-    "Network evaluations of one evaluation during training (`metrics.evaluate` with the sample grid): the losses, then the sampling."
+    "Network evaluations of one evaluation during training (`metrics.evaluate` with the sample grid, then the probes): the losses, the sampling, the distance to the empirical denoiser."
     bs, ms, n = cfg.eval_batch_size, set(cfg.metrics), eval_counts(cfg, sizes, grid=True)
     per = ('loss' in ms) + ('loss_t' in ms) * len(cfg.loss_levels)
     out = per * (math.ceil(n['n/loss/train'] / bs) + math.ceil(n['n/loss/test'] / bs)) if per else 0
+    if 'emp_denoiser' in ms: out += len(cfg.loss_levels) * 2 * math.ceil(emp_denoiser_n(cfg, len(sizes.eval_images) if hasattr(sizes, 'eval_images') else int(sizes[1])) / bs)  # train and test images
     return out + math.ceil(n['generate'] / bs) * (cfg.sample_steps or objective.steps)
 
 # %% ../nbs/05_train.ipynb #56677716
@@ -254,13 +255,15 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         rng, te = torch.get_rng_state(), time.perf_counter()
         ebar = None if quiet else tqdm(total=nfe, desc=f'evaluating step {step}', leave=False, dynamic_ncols=True, mininterval=1.0, unit='nfe')
         ecfg = cfg if (ms := metrics_at(cfg, step)) == tuple(cfg.metrics) else cfg.with_updates(metrics=ms)  # Inception-space metrics on their thinner grid
-        try: m, samples = evaluate(EvalWatch(eval_model, stop, ebar), objective, split, ecfg, eval_noise, gen=_eval_generator(cfg, device), return_samples=True)
+        try:
+            watched = EvalWatch(eval_model, stop, ebar)
+            m, samples = evaluate(watched, objective, split, ecfg, eval_noise, gen=_eval_generator(cfg, device), return_samples=True)
+            m.update(probe_metrics(watched, objective, split, cfg, samples))  # emp_denoiser, rel_dist: when named in cfg.metrics
         except EvalAbandoned:
             torch.set_rng_state(rng); return False
         finally:
             model.train()
             if ebar is not None: ebar.close()
-        m.update(probe_metrics(eval_model, objective, split, cfg, samples))  # emp_denoiser, rel_dist: when named in cfg.metrics
         nonfinite = [k for k, v in m.items() if k.startswith('loss') and isinstance(v, float) and not math.isfinite(v)]
         if nonfinite: return fail(f'non-finite {nonfinite[0]} at step {step}')
         loss_sum.zero_(); loss_n = 0
