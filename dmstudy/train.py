@@ -6,7 +6,7 @@ Docs: https://dmstudy.github.io/dmstudy/train.html.md"""
 
 # %% auto #0
 __all__ = ['IndexSampler', 'ema_decay_at', 'ema_update', 'make_optimizer', 'lr_at', 'EvalAbandoned', 'EvalWatch', 'eval_nfe',
-           'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
+           'evaluation_noise', 'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
 
 # %% ../nbs/05_train.ipynb #c6e2aac4
 import copy, math, os, signal, sys, time
@@ -131,6 +131,15 @@ def eval_nfe(cfg:RunConfig, # The run's config
     if 'emp_denoiser' in ms: out += len(cfg.loss_levels) * 2 * math.ceil(emp_denoiser_n(cfg, len(sizes.eval_images) if hasattr(sizes, 'eval_images') else int(sizes[1])) / bs)  # train and test images
     return out + math.ceil(n['generate'] / bs) * (cfg.sample_steps or objective.steps)
 
+# %% ../nbs/05_train.ipynb #0cfaaf1b
+def evaluation_noise(cfg:RunConfig, # The run's config: its sample counts, `seed` and `eval_seed`
+                     split:Split, # Its data (the evaluation split's size and the image shape)
+                     device=None, # Where the noise is put; `None`: the CPU
+                    ) -> torch.Tensor:
+    "The fixed evaluation noise of a run, drawn on the CPU from the evaluation seed: the same rows for every run with that seed."
+    g = make_generators(cfg.seed if cfg.eval_seed is None else cfg.eval_seed, 'cpu')['eval']
+    return torch.randn(eval_counts(cfg, split, grid=True)['generate'], *split.image_shape, generator=g).to(device or 'cpu')
+
 # %% ../nbs/05_train.ipynb #56677716
 @dataclass
 class RunResult:
@@ -191,7 +200,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     gens = make_generators(cfg.seed, 'cpu')
     noise_gen = torch.Generator(device=device); noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gens['noise'])))
     sampler = IndexSampler(split.n_train, gens['data'])
-    eval_noise = torch.randn(eval_counts(cfg, split, grid=True)['generate'], *split.image_shape, generator=gens['eval']).to(device)  # the grid: its first rows
+    eval_noise = evaluation_noise(cfg, split, device)  # the grid: its first rows
     sched = eval_schedule(cfg)
     step, sched_pos, wall = 0, 0, 0.0
     loss_sum, loss_n = torch.zeros((), dtype=torch.float64, device=device), 0  # training loss since the last evaluation
@@ -331,7 +340,8 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
 
 # %% ../nbs/05_train.ipynb #439cee42
 def _eval_generator(cfg:RunConfig, device) -> torch.Generator:
-    g = torch.Generator(device=device); g.manual_seed(cfg.seed * 1_000_003 + 7); return g
+    s = cfg.seed if cfg.eval_seed is None else cfg.eval_seed  # the runs of a pair draw the same evaluation noise
+    g = torch.Generator(device=device); g.manual_seed(s * 1_000_003 + 7); return g
 
 # %% ../nbs/05_train.ipynb #be7d1dc0
 class _DiffusersAdapter(torch.nn.Module):
