@@ -200,10 +200,11 @@ def cmd_report(root:str='.', # The project folder holding pyproject.toml
                out:str='_site', # The site folder
                backend:Annotated[str, 'Renderer', dict(choices=('auto', 'quarto', 'fallback'))]='auto',
                jobs:int=2, # Pages executed at once
+               no_execute:bool=False, # Render every page with its stored outputs, executing none (a quick look at the layout; numbers may be stale)
               ) -> int:
     "Render the study site: with Quarto when it is installed, otherwise with the built-in nbconvert renderer; pages read results/ only."
     from dmstudy.site import render_site
-    index = render_site(root, out, backend=backend, jobs=jobs)
+    index = render_site(root, out, backend=backend, jobs=jobs, **({'execute': False} if no_execute else {}))
     print(f"the study: {index}")
     return 0
 
