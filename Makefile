@@ -20,8 +20,9 @@ sync: install
 	if [ "$$before" != "$$after" ]; then \
 	  echo "nbdev-export / nbdev-clean changed files: run them and commit the result."; git status --short -- $(SYNC_PATHS); exit 1; fi
 
+# The report pages are executed (strictly) by the site tests in tests/test_site.py, not a second time here.
 nbtest: install
-	nbdev-test --n-workers 2 --timing
+	nbdev-test --n-workers 2 --timing --skip-folder-re '^([_.]|report$$)'
 
 # Two pytest-xdist workers; tests that share a module's fixture stay together (tests/conftest.py makes the groups).
 pytest: install
