@@ -269,11 +269,12 @@ def seed_table(sm:pd.DataFrame, # `study_summary` of one sweep
             if k == 1:
                 r = g[x.notna()].iloc[0]; lo, hi = r.get(f'{c}_lo', math.nan), r.get(f'{c}_hi', math.nan)
                 own = all(isinstance(b, (int, float)) and math.isfinite(b) for b in (lo, hi))
-                d[name] = f"{fmt_num(r[c], dig)}" + (f" [{fmt_num(lo, dig)}, {fmt_num(hi, dig)}]" if own else '') + ' (1 run)'
+                d[name] = f"{fmt_num(r[c], dig)}" + (f" [{fmt_num(lo, dig)}, {fmt_num(hi, dig)}]" if own else '')
             else:
                 m, lo, hi, n = t_interval(x, level)
                 d[name] = f"{fmt_num(m, dig)} [{fmt_num(lo, dig)}, {fmt_num(hi, dig)}]"
-            if k < len(g): d[name] += f" ({k} of {len(g)} reached)" if c.startswith(('tau', 'mem_rate')) else f" ({k} of {len(g)} measured)"
+            if k == len(g) == 1: d[name] += ' (1 run)'
+            elif k < len(g): d[name] += f" ({k} of {len(g)} runs {'reached' if c.startswith(('tau', 'mem_rate')) else 'measured'})"
         rows.append(d)
     return pd.DataFrame(rows).set_index(hue)
 
@@ -295,7 +296,7 @@ def share_interval(k:int, # Runs for which a statement holds
     "`k of n runs` with the exact (Clopper–Pearson) interval of the share."
     if n == 0: return 'no runs'
     ci = stats.binomtest(k, n).proportion_ci(level)
-    return f"{k} of {n} runs; share {k / n:.2f}, {level:.0%} CI [{ci.low:.2f}, {ci.high:.2f}]"
+    return f"{k} of {n} run{'s' if n != 1 else ''}; share {k / n:.2f}, {level:.0%} CI [{ci.low:.2f}, {ci.high:.2f}]"
 
 def _name(row) -> str: return Path(str(row.run_dir)).name  # a run's directory name: unique in its sweep (cell ids need not be)
 
@@ -338,8 +339,9 @@ def check_fidelity_gap(df:pd.DataFrame, sm:pd.DataFrame, metric:str|None=None, l
     mem = f" while the final memorization score reaches {sm.mem_final.max():.2f}" if 'mem_final' in sm else ''
     m_, a, b, n = t_interval(gap)
     ci = f"; mean {m_:.1%}, 95% CI [{a:.1%}, {b:.1%}]" if n > 1 else ''
-    return Verdict(2, st, v, f"the median relative train/test gap of {metric} is at most {g:.1%} over {len(gap)} runs{mem} "
-                   f"(supported below {lo:.0%}, contradicted above {hi:.0%}).", f"largest gap {g:.1%} over {len(gap)} runs{ci}")
+    runs = f"{len(gap)} run{'s' if len(gap) != 1 else ''}"
+    return Verdict(2, st, v, f"the median relative train/test gap of {metric} is at most {g:.1%} over {runs}{mem} "
+                   f"(supported below {lo:.0%}, contradicted above {hi:.0%}).", f"largest gap {g:.1%} over {runs}{ci}")
 
 def check_double_descent(df:pd.DataFrame, sm:pd.DataFrame, metric:str|None=None) -> Verdict:
     "Claim 3: the fidelity metric descends, rises and descends again, on both splits."
@@ -777,7 +779,8 @@ def show_cpu_scale(page:str|dict, # A study page (a key of `STUDIES`, or such an
                   ) -> tuple: # (summary, verdicts) of the CPU sweep, or (None, None) without results
     "Display a page's CPU-scale part: the sweep's commands, then `show_sweep` on its results (or how to make them)."
     st = study_page(page); s = st['cpu']
-    _show(f"The sweep file is `dmstudy/sweeps/{s}.yaml`; on this machine (`--executor slurm` on a cluster):\n\n{sweep_commands(s, None)}")
+    have = results_path(s, root).exists()  # without results, `show_sweep` gives the commands
+    _show(f"The sweep file is `dmstudy/sweeps/{s}.yaml`" + (f"; on this machine (`--executor slurm` on a cluster):\n\n{sweep_commands(s, None)}" if have else '.'))
     return show_sweep(s, st['hue'], st['axis'], st['claims'], root)
 
 # %% ../nbs/11_claims.ipynb #2a8f3b89
