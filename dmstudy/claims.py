@@ -423,7 +423,8 @@ def check_levels(df:pd.DataFrame, sm:pd.DataFrame, alpha:float=0.05) -> Verdict:
     "Claim 9: the runs do not rank the noise levels alike by their train–test loss gap (Kendall's W not significant)."
     st = 'the train–test loss gap by noise level follows no pattern shared by the runs'
     r = _reached(sm)
-    gaps = pd.DataFrame([level_gaps(df[df.run_dir == rd]) for rd in r.run_dir]) if len(r) else pd.DataFrame()
+    lv = df[df.metric.str.startswith('loss_t/')]; by = dict(tuple(lv.groupby('run_dir'))) if len(r) else {}  # the per-level rows only, split once
+    gaps = pd.DataFrame([level_gaps(by[rd]) if rd in by else pd.Series(dtype=float) for rd in r.run_dir]) if len(r) else pd.DataFrame()
     c = level_concordance(gaps) if len(gaps) else dict(runs=0, levels=0, W=math.nan, p=math.nan)
     m, n = c['runs'], c['levels']
     if not math.isfinite(c['W']) or stats.chi2.sf(m * (n - 1), n - 1) >= alpha:
