@@ -578,7 +578,9 @@ def paper_values(study:str, # A study page (`dataset_size`, `model_size`, `batch
                  path=None, # The values file; `None`: `paper_values_path()`
                 ) -> tuple: # (table indexed by the swept value, the study's entry of the file with the file's `note`)
     "The paper's values for a study page, as a table, and what they are (figure, setting, quantities and how dmstudy measures each)."
-    p = Path(path or paper_values_path()); d = yaml.safe_load(p.read_text()) or {}
+    p = Path(path or paper_values_path())
+    if not p.is_file(): raise FileNotFoundError(f"No paper values file {p}; dmstudy ships it as dmstudy/paper_values.yaml (reinstall dmstudy), or give the path of one.")
+    d = yaml.safe_load(p.read_text()) or {}
     st = d.get('studies') or {}
     if study not in st: raise KeyError(f"{p.name} has no values for {study!r}; it has {', '.join(st) or 'none'}.")
     s = st[study]; labels = [q['label'] for q in s['quantities']]
