@@ -277,3 +277,67 @@ def test_navigation_bar(site, page, shots):
     page.screenshot(path=shots/'navigation_reference_menu.png')
     page.locator('nav.dm-nav .dm-menu a', has_text='Analysis').first.click(); page.wait_for_load_state('load')
     assert page.url.endswith('/analysis.html'), page.url
+
+
+# --- the study pages' two parts and the claims table ---------------------------------------------------------------
+
+SWEEP_PAGES = {'dataset_size': 'dataset-size', 'model_size': 'model-size', 'batch_size': 'batch-size', 'learning_rate': 'learning-rate'}
+
+
+def shown_text(path):
+    "What a reader sees of a page: its text without the code cells."
+    from bs4 import BeautifulSoup
+    soup = BeautifulSoup(path.read_text(), 'html.parser')
+    for el in soup.select('.jp-CodeCell .jp-InputArea'): el.decompose()
+    return soup, ' '.join(soup.get_text(' ').split())
+
+
+def test_paper_values_are_package_data():
+    "The paper's values file ships with the package, as the sweep files do."
+    import fnmatch, tomllib
+    from dmstudy.claims import paper_values_path
+    globs = tomllib.loads((ROOT/'pyproject.toml').read_text())['tool']['setuptools']['package-data']['dmstudy']
+    rel = paper_values_path().relative_to(ROOT/'dmstudy').as_posix()
+    assert any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
+
+
+def test_sweep_pages_have_both_scales(site):
+    "Each sweep page: the paper-scale commands, cost and the paper's values beside dmstudy's ('not yet run' without results), then the CPU-scale part."
+    from dmstudy.claims import fmt_num, paper_values, results_path
+    for page, name in SWEEP_PAGES.items():
+        soup, text = shown_text(site/'report'/f'{page}.html')
+        assert 'Paper scale' in text and 'CPU scale' in text, page
+        assert text.index('Paper scale') < text.index('CPU scale'), page
+        assert f'dmstudy sweep paper-{name} --executor slurm' in text and f'dmstudy collect paper-{name}' in text, page
+        assert 'sampling network evaluations' in text and 'total' in text, f"{page}: no cost table"
+        pv, meta = paper_values(page)
+        assert meta['figure'] in text, page
+        tables = [t for t in soup.find_all('table') if 'paper' in t.get_text(' ') and 'dmstudy' in t.get_text(' ')]
+        assert tables, f"{page}: no table of the paper's values"
+        cells = [td.get_text(strip=True) for td in tables[0].find_all('td')]
+        for v in pv.iloc[:, 0]:  # the first quantity of every row, as the page writes it
+            assert (fmt_num(v) if isinstance(v, float) else str(v)) in cells, (page, v, cells)
+        if not results_path(f'paper-{name}', ROOT).exists(): assert cells.count('not yet run') == pv.size, page
+        cpu = text[text.index('CPU scale'):]
+        if results_path(f'cpu-{name}', ROOT).exists():
+            assert 'What the data say' in cpu and 'Derived quantities' in cpu and '95% CI' in cpu, page
+        else: assert 'No results yet' in cpu and f'dmstudy sweep cpu-{name}' in cpu, page
+
+
+def test_index_claims_table(site):
+    "The home page sets every claim beside its CPU-scale and paper-scale verdicts, each linked to its page."
+    from dmstudy.claims import CLAIMS, results_path
+    soup, text = shown_text(site/'index.html')
+    table = next((t for t in soup.find_all('table') if 'CPU scale' in t.get_text(' ') and 'Paper scale' in t.get_text(' ')), None)
+    assert table is not None, "the home page has no claims table"
+    rows = table.find_all('tr')[1:]
+    assert [r.find('td').get_text(' ', strip=True).split('.')[0] for r in rows] == [str(c) for c in CLAIMS], rows
+    links = {a['href'] for a in table.find_all('a', href=True)}
+    assert {f'report/{p}.html' for p in SWEEP_PAGES} <= links, links
+    for r in rows:
+        cpu, paper = (td.get_text(' ', strip=True) for td in r.find_all('td')[1:3])
+        assert cpu, r
+        if not any(results_path(f'paper-{n}', ROOT).exists() for n in SWEEP_PAGES.values()): assert paper == 'not yet run', paper
+    if results_path('cpu-dataset-size', ROOT).exists():
+        four = rows[3].find_all('td')[1].get_text(' ')
+        assert 'τ_mem ∝ N' in four and ('exponent' in four or 'undecided' in four), four
