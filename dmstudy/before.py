@@ -8,22 +8,23 @@ Docs: https://dmstudy.github.io/dmstudy/before.html.md"""
 
 # %% auto #0
 __all__ = ['MATCH', 'Finding', 'relative_position', 'pooled_ratio', 'peak_step', 'first_run', 'agreement_table',
-           'check_agreement', 'decline_onset', 'main_runs', 'denoiser_table', 'first_onsets', 'check_denoiser',
-           'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table', 'check_halder',
-           'before_tables', 'before_findings', 'run_table', 'before_figure']
+           'check_agreement', 'decline_onset', 'main_runs', 'pre_slope', 'denoiser_table', 'check_denoiser',
+           'check_renewed', 'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table',
+           'check_halder', 'before_tables', 'before_findings', 'run_table', 'before_figure']
 
-# %% ../nbs/11b_before.ipynb #10257835
+# %% ../nbs/11b_before.ipynb #5d1a06eb
 import math
 from typing import NamedTuple
 import numpy as np, pandas as pd
 from scipy import stats
 from .analysis import Onset, RUN_COLUMNS, as_run, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
 from .claims import fmt_num
+from .metrics import wilson_interval
 import matplotlib.pyplot as plt
 import seaborn as sns
 from .plots import log_ticks, value_label
 
-# %% ../nbs/11b_before.ipynb #fffdbcb6
+# %% ../nbs/11b_before.ipynb #20ef0d90
 class Finding(NamedTuple):
     "A statement on what is learned before τ_mem, the data's verdict, a plain sentence of evidence, and the estimate with its 95% interval."
     claim:str # Which statement: `a`, `b`, `c` or `d` (shown as the label of the verdict)
@@ -35,7 +36,7 @@ class Finding(NamedTuple):
     hi:float=math.nan
     unit:str='' # What the estimate measures
 
-# %% ../nbs/11b_before.ipynb #a2ab865f
+# %% ../nbs/11b_before.ipynb #ff5744cd
 def relative_position(a:Onset|None, # A step with its interval (e.g. the peak of agreement)
                       ref:Onset|None, # The reference step with its interval (e.g. τ_mem)
                      ) -> tuple: # (position, ratio, lo, hi)
@@ -44,7 +45,7 @@ def relative_position(a:Onset|None, # A step with its interval (e.g. the peak of
     pos = 'before' if a.hi < ref.lo else 'after' if a.lo > ref.hi else 'at'
     return pos, a.step / ref.step, a.lo / ref.hi if ref.hi > 0 else math.nan, a.hi / ref.lo if ref.lo > 0 else math.inf
 
-# %% ../nbs/11b_before.ipynb #d78cc37d
+# %% ../nbs/11b_before.ipynb #b7d542d8
 def pooled_ratio(ratio, # Ratios of two steps, one per run (e.g. peak / τ_mem)
                  lo=None, # Their lower 95% bounds (`None`: unknown)
                  hi=None, # Their upper 95% bounds
@@ -58,7 +59,7 @@ def pooled_ratio(ratio, # Ratios of two steps, one per run (e.g. peak / τ_mem)
     e = float(np.exp(l.mean()))
     return e, float(np.nanmin([np.exp(l.mean() - h), own(lo)])), float(np.nanmax([np.exp(l.mean() + h), own(hi)]))
 
-# %% ../nbs/11b_before.ipynb #e021540a
+# %% ../nbs/11b_before.ipynb #3260a006
 def _tally(ok:int, bad:int, n:int) -> str:
     "supported when every run supports, contradicted when more than half contradict, else undecided."
     return 'supported' if n and ok == n else 'contradicted' if bad > n / 2 else 'undecided'
@@ -66,7 +67,7 @@ def _tally(ok:int, bad:int, n:int) -> str:
 def _steps(o) -> str: return f"{fmt_num(o[0])} [{fmt_num(o[1])}, {fmt_num(o[2])}]"
 def _ratio(e, lo, hi) -> str: return f"{e:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(e) else '–'
 
-# %% ../nbs/11b_before.ipynb #78894d94
+# %% ../nbs/11b_before.ipynb #95c01e3c
 def peak_step(y:pd.Series, # A curve indexed by step (e.g. `series(run, 'agree_cos')`)
               kind:str='max', # `max` (cosine agreement) or `min` (L2 distance: agreement is a small distance)
               smooth:int=3, # Width of the running median (evaluations)
@@ -85,7 +86,7 @@ def peak_step(y:pd.Series, # A curve indexed by step (e.g. `series(run, 'agree_c
     ql, qh = np.quantile(ks, [0.025, 0.975]).astype(int)  # a peak at evaluation j lies between evaluations j-1 and j+1
     return Onset(float(s[k]), float(s[max(min(ql, k) - 1, 0)]), float(s[min(max(qh, k) + 1, len(s) - 1)]))
 
-# %% ../nbs/11b_before.ipynb #1a533f73
+# %% ../nbs/11b_before.ipynb #a0e37e2b
 MATCH = ['dataset', 'N', 'unet', 'params', 'B', 'lr', 'objective', 'seed']  # run columns a partner shares with its first run
 
 def first_run(df:pd.DataFrame, # Tidy table of a sweep
@@ -97,7 +98,7 @@ def first_run(df:pd.DataFrame, # Tidy table of a sweep
     same = runs[(runs.subset_offset == 0) & (runs[keep].eq(p[keep]) | (runs[keep].isna() & p[keep].isna())).all(axis=1)]
     return str(same.index[0]) if len(same) else None
 
-# %% ../nbs/11b_before.ipynb #663d8f71
+# %% ../nbs/11b_before.ipynb #5edf018a
 def _tau(g:pd.DataFrame) -> Onset|None:
     "τ_mem of one run's rows, `None` when the run has no train and test loss or never diverges."
     has = lambda sp: ((g.metric == 'loss') & (g.split == sp)).any()
@@ -133,7 +134,7 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
                          position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #5c5e9e47
+# %% ../nbs/11b_before.ipynb #076901fc
 def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
                     metric:str='agree_cos', # The agreement measure the table holds (for the sentence)
                    ) -> Finding:
@@ -151,7 +152,7 @@ def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
     return Finding('a', st, _tally(ok, bad, n), f"peak / τ_mem = {_ratio(e, lo, hi)} over {n} pair(s) (below 1: the peak comes first); "
                    f"the peak lies before τ_mem and agreement falls after it in {ok} of {n} ({why}).{miss}", e, lo, hi, 'peak step / τ_mem')
 
-# %% ../nbs/11b_before.ipynb #f7330d4b
+# %% ../nbs/11b_before.ipynb #45b30d69
 def _knot_basis(x:np.ndarray, x1:np.ndarray, x2:np.ndarray) -> np.ndarray:
     "Design matrices [pairs, points, 3] of a continuous curve with knots x1 ≤ x2: a slope before x1, flat between, a slope after x2."
     X, A, B = x[None], x1[:, None], x2[:, None]
@@ -185,7 +186,7 @@ def decline_onset(y:pd.Series, # A positive curve indexed by step (e.g. the dist
     lo = min(inside.min(), x[k-1] if x2[i] > x[k-1] else x[max(k-2, 0)]); hi = max(inside.max(), x[min(k, m-1)])
     return Onset(float(10**x2[i]), float(10**lo), float(10**hi))
 
-# %% ../nbs/11b_before.ipynb #349afc9f
+# %% ../nbs/11b_before.ipynb #cdf5afdd
 def _level_of(metric:str, prefix:str) -> float|None:
     try: return float(metric.split('/', 1)[1]) if metric.startswith(prefix + '/') else None
     except ValueError: return None
@@ -195,13 +196,29 @@ def main_runs(df:pd.DataFrame, # Tidy table of a sweep
     "The rows of the runs on the first N images (`subset_offset` 0): partner runs only serve the agreement."
     return df[df.subset_offset == 0] if 'subset_offset' in df else df
 
-# %% ../nbs/11b_before.ipynb #41f21fa8
+# %% ../nbs/11b_before.ipynb #a1506e69
+def pre_slope(y:pd.Series, # A positive curve indexed by step
+              until:float, # The step before which it is measured (exclusive), e.g. the lower end of τ_mem's interval
+              window:int=4, # The last evaluations before `until` that are used
+              min_points:int=3, # Fewer evaluations before `until`: NaN
+              level:float=0.95, # Confidence level
+             ) -> tuple: # (slope, lo, hi)
+    "Slope of log y per decade of steps over the last evaluations before `until`, with its t interval: is the curve already falling?"
+    y = y[(y.index < until) & (y > 0)].dropna().iloc[-window:]
+    if len(y) < min_points: return math.nan, math.nan, math.nan
+    f = stats.linregress(np.log10(y.index.to_numpy(float)), np.log(y.to_numpy(float)))
+    h = stats.t.ppf(0.5 + level / 2, len(y) - 2) * f.stderr
+    return float(f.slope), float(f.slope - h), float(f.slope + h)
+
+# %% ../nbs/11b_before.ipynb #8189ed59
 def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<t>` rows
                    split:str='train', # The noised images the distance was measured on: `train` or `test`
+                   min_fall:float=0.2, # It already falls before τ_mem when its slope's interval lies below -min_fall (log distance per decade: 0.2 is 18%)
                    **kw, # Settings of `decline_onset`
                   ) -> pd.DataFrame:
     "One row per run and noise level: τ_mem of the run and the step at which the distance to the empirical denoiser starts to fall, with intervals and where it lies against τ_mem."
-    cols = ['run_dir', 'cell_id', 'N', 'B', 'lr', 'seed', 'steps', 'level', 'tau', 'tau_lo', 'tau_hi', 'onset', 'onset_lo', 'onset_hi', 'position', 'ratio', 'ratio_lo', 'ratio_hi']
+    cols = ['run_dir', 'cell_id', 'N', 'B', 'lr', 'seed', 'steps', 'level', 'tau', 'tau_lo', 'tau_hi', 'pre_slope', 'pre_lo', 'pre_hi', 'falls_before',
+            'onset', 'onset_lo', 'onset_hi', 'position', 'ratio', 'ratio_lo', 'ratio_hi']
     rows = []
     for rd, g in main_runs(df).groupby('run_dir', sort=False):
         lv = {m: _level_of(m, 'emp_denoiser') for m in g.metric.unique() if _level_of(m, 'emp_denoiser') is not None}
@@ -209,52 +226,62 @@ def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<
         t = _tau(g)
         for m in sorted(lv, key=lv.get):
             if not ((g.metric == m) & (g.split == split)).any(): continue
-            o = decline_onset(series(g, m, split), **kw)
+            y = series(g, m, split); o = decline_onset(y, **kw)
             pos, ra, rl, rh = relative_position(o, t)
             rows.append(dict(_run_info(g), level=lv[m], **dict(zip(('tau', 'tau_lo', 'tau_hi'), _nan_onset(t))),
+                             **dict(zip(('pre_slope', 'pre_lo', 'pre_hi'), pr := (pre_slope(y, t.lo) if t else (math.nan,) * 3))), falls_before=bool(pr[2] < -min_fall),
                              **dict(zip(('onset', 'onset_lo', 'onset_hi'), _nan_onset(o))), position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #bfcebaa9
-def first_onsets(tab:pd.DataFrame, # `denoiser_table` (or any table of per-level onsets with `onset`, `onset_lo`, `onset_hi`)
-                ) -> pd.DataFrame:
-    "Per run, the earliest onset over the noise levels and the level(s) it came at, compared with τ_mem."
-    rows = []
-    for rd, g in tab.groupby('run_dir', sort=False):
-        f = g[g.onset.notna()]; r = g.iloc[0]
-        d = dict(run_dir=rd, cell_id=r.cell_id, N=r.N, B=r.B, lr=r.lr, seed=r.seed, steps=r.steps, tau=r.tau, tau_lo=r.tau_lo, tau_hi=r.tau_hi,
-                 levels_declining=len(f), levels=len(g))
-        if len(f):
-            b = f.loc[f.onset.idxmin()]
-            tied = f[f.onset_lo <= b.onset_hi].level.tolist()  # levels whose onset cannot be told apart from the first
-            o = Onset(b.onset, b.onset_lo, b.onset_hi); t = Onset(r.tau, r.tau_lo, r.tau_hi) if math.isfinite(r.tau) else None
-            pos, ra, rl, rh = relative_position(o, t)
-            d.update(first_level=b.level, first_levels=tied, onset=b.onset, onset_lo=b.onset_lo, onset_hi=b.onset_hi, position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh)
-        rows.append(d)
-    cols = ['run_dir', 'cell_id', 'N', 'B', 'lr', 'seed', 'steps', 'tau', 'tau_lo', 'tau_hi', 'levels_declining', 'levels', 'first_level', 'first_levels',
-            'onset', 'onset_lo', 'onset_hi', 'position', 'ratio', 'ratio_lo', 'ratio_hi']
-    return pd.DataFrame(rows).reindex(columns=cols)
+# %% ../nbs/11b_before.ipynb #55cb7961
+def _share(k:int, n:int) -> tuple:
+    "k/n with its Wilson 95% interval (NaN when n is 0)."
+    if n == 0: return math.nan, math.nan, math.nan
+    lo, hi = wilson_interval(k, n)
+    return k / n, float(lo), float(hi)
 
-# %% ../nbs/11b_before.ipynb #8553714f
 def check_denoiser(tab:pd.DataFrame, # `denoiser_table` of a sweep
                   ) -> Finding:
-    "(b) The distance to the empirical denoiser starts to shrink at τ_mem (the first level's onset and τ_mem overlap) in every run, and at which levels first."
-    st = 'the distance of the network to the empirical (memorizing) denoiser on noised training images starts to shrink at τ_mem'
+    "(b) The distance to the empirical denoiser starts to shrink at τ_mem: not already falling before τ_mem, and a fall that begins at τ_mem, at most (run, level)."
+    st = 'the distance of the network to the empirical (memorizing) denoiser on noised training images starts to shrink at τ_mem, not before'
     if tab.empty: return Finding('b', st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
-    f = first_onsets(tab); r = f[f.tau.notna()]
-    if r.empty: return Finding('b', st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(f.steps.max())} steps).")
-    d = r[r.onset.notna()]
-    ok = (d.position == 'at').sum(); bad = d.position.isin(['before', 'after']).sum(); n = len(r)
-    e, lo, hi = pooled_ratio(d.ratio, d.ratio_lo, d.ratio_hi)
-    lv = pd.Series([l for ls in d.first_levels for l in ls]).value_counts()
-    where = (f"The first to fall (or tied with the first): t = " + ', '.join(f"{l:g} ({k} of {len(d)} runs)" for l, k in lv.items()) + '.') if len(d) else ''
-    pos = d.position.value_counts()
-    why = (f"first onset / τ_mem = {_ratio(e, lo, hi)} over {len(d)} run(s); the first onset overlaps τ_mem in {pos.get('at', 0)}, "
-           f"comes before it in {pos.get('before', 0)} and after it in {pos.get('after', 0)}"
-           + (f"; in {n - len(d)} run(s) that reached τ_mem the distance does not fall at any level" if n > len(d) else '') + '. ')
-    return Finding('b', st, _tally(ok, bad, n), why + where, e, lo, hi, 'first onset of the decline / τ_mem')
+    r = tab[tab.tau.notna()]
+    if r.empty: return Finding('b', st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps).")
+    p = r[r.pre_slope.notna()]
+    if p.empty: return Finding('b', st, 'undecided', 'τ_mem comes before the third evaluation in every run: too few evaluations before it to tell whether the distance already falls.')
+    k = int(p.falls_before.sum()); e, lo, hi = _share(k, len(p))
+    at = r[r.onset.notna()]; ka = int((at.position == 'at').sum()); ea, la, ha = _share(ka, len(at))
+    v = 'contradicted' if lo > 0.5 else 'supported' if hi < 0.5 and la > 0.5 else 'undecided'
+    per = [f"t = {l:g}: {int(g.falls_before.sum())} of {len(g)}, slope {g.pre_slope.median():+.2f}" for l, g in p.groupby('level')]
+    ev = (f"over the last evaluations before τ_mem the distance already falls (slope of its log per decade of steps, 95% interval below −0.2) at {k} of {len(p)} "
+          f"(run, level) pairs, a share of {e:.2f} [{lo:.2f}, {hi:.2f}] ({'; '.join(per)}). A renewed fall (see the next statement) "
+          f"begins at τ_mem at {ka} of {len(at)} (run, level) pairs where one is found.")
+    return Finding('b', st, v, ev, e, lo, hi, 'share of (run, level) pairs whose distance falls before τ_mem')
 
-# %% ../nbs/11b_before.ipynb #e43bc051
+# %% ../nbs/11b_before.ipynb #52ab7c89
+def check_renewed(tab:pd.DataFrame, # `denoiser_table` of a sweep
+                 ) -> Finding:
+    "(b′) Where the distance to the empirical denoiser falls again after a pause, the renewed fall begins at τ_mem; and at which noise levels first."
+    st = 'where the distance to the empirical denoiser falls again after a pause, it begins at τ_mem (and at some noise levels first)'
+    if tab.empty: return Finding("b′", st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
+    r = tab[tab.tau.notna()]
+    if r.empty: return Finding("b′", st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps).")
+    d = r[r.onset.notna()]
+    if d.empty: return Finding("b′", st, 'undecided', f"the distance does not fall again after a pause at any level of the {r.run_dir.nunique()} runs that reached τ_mem.")
+    k = int((d.position == 'at').sum()); e, lo, hi = _share(k, len(d))
+    v = 'supported' if lo > 0.5 else 'contradicted' if hi < 0.5 else 'undecided'
+    rows = []
+    for l, g in d.groupby('level'):
+        pe, pl, ph = pooled_ratio(g.ratio, g.ratio_lo, g.ratio_hi); c = g.position.value_counts()
+        rows.append((l, pe, pl, ph, c.get('at', 0), c.get('before', 0), c.get('after', 0), len(g)))
+    per = '; '.join(f"t = {l:g}: onset / τ_mem {_ratio(pe, pl, ph)}, at τ_mem in {a} of {n}" + (f", before in {b}" if b else '') + (f", after in {c}" if c else '')
+                    for l, pe, pl, ph, a, b, c, n in rows)
+    first = [(pe, l) for l, pe, pl, ph, a, b, c, n in rows if a > n / 2]
+    fl = (f" Of the levels where it begins at τ_mem in most runs, it begins first at t = {min(first)[1]:g}." if first else '')
+    return Finding("b′", st, v, f"a renewed fall begins at τ_mem (intervals overlap) at {k} of {len(d)} (run, level) pairs where one is found, "
+                   f"a share of {e:.2f} [{lo:.2f}, {hi:.2f}] ({per}).{fl}", e, lo, hi, 'share of renewed falls that begin at τ_mem')
+
+# %% ../nbs/11b_before.ipynb #785c6f05
 def level_table(df:pd.DataFrame, # Tidy table of a sweep with per-level losses `loss_t/<t>/train|test`
                 **kw, # Settings of the τ_mem rule (see `analysis.gap_fit`)
                ) -> pd.DataFrame:
@@ -266,7 +293,7 @@ def level_table(df:pd.DataFrame, # Tidy table of a sweep with per-level losses `
     cols = ['run_dir', 'cell_id', 'N', 'B', 'lr', 'seed', 'steps', 'level', 'tau_mem', 'lo', 'hi']
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
-# %% ../nbs/11b_before.ipynb #c086a441
+# %% ../nbs/11b_before.ipynb #6ba55f82
 def _tau_b(x:np.ndarray, Y:np.ndarray) -> np.ndarray:
     "Kendall's tau-b of `x` [n] with each row of `Y` [k, n] (ties allowed; NaN where a row is all ties)."
     dx = np.sign(x[:, None] - x[None])[None]; dy = np.sign(Y[:, :, None] - Y[:, None])
@@ -274,32 +301,36 @@ def _tau_b(x:np.ndarray, Y:np.ndarray) -> np.ndarray:
     den = np.sqrt((dx != 0).sum(1) * (dy != 0).sum(1))
     with np.errstate(invalid='ignore', divide='ignore'): return np.where(den > 0, (dx * dy).sum(1) / den, np.nan)
 
-def level_order(tab:pd.DataFrame, # One row per run and level: `run_dir`, `level` and the onset column
+def level_order(tab:pd.DataFrame, # One row per run and level: `run_dir`, `level`, the onset column and its interval
                 col:str='tau_mem', # The onset column (NaN: no onset within the run, ranked after every onset)
-                n_boot:int=2000, # Bootstrap resamples of the runs, and permutations
+                lo:str='lo', # The columns of its 95% interval (the bootstrap draws onsets within them)
+                hi:str='hi',
+                n_boot:int=2000, # Bootstrap draws, and permutations
                 seed:int=0, # Seed of both
-               ) -> dict: # runs, levels, tau (mean over runs), lo, hi (bootstrap over runs), p (permutation within runs)
-    "Kendall's tau between noise level and onset step, averaged over runs, with a bootstrap 95% interval over runs and a permutation p-value."
-    per, ranks = [], []
+               ) -> dict: # runs, levels, tau (mean over runs), lo, hi (bootstrap), p (permutation within runs)
+    "Kendall's tau between noise level and onset step, averaged over runs; a 95% bootstrap interval (runs resampled, each onset drawn within its interval) and a permutation p-value."
+    rng = np.random.default_rng(seed); per = []
     for _, g in tab.groupby('run_dir', sort=False):
         g = g.sort_values('level'); o = g[col].to_numpy(float)
         if np.isfinite(o).sum() == 0 or len(g) < 3: continue  # no onset at any level: no order
-        r = stats.rankdata(np.where(np.isfinite(o), o, np.inf))
-        per.append((g.level.to_numpy(float), r))
-    out = dict(runs=len(per), levels=max((len(l) for l, _ in per), default=0), tau=math.nan, lo=math.nan, hi=math.nan, p=math.nan)
+        a = np.log(np.clip(g[lo].to_numpy(float), 1, None)); b = np.log(np.maximum(g[hi].to_numpy(float), np.exp(a)))
+        draws = np.where(np.isfinite(o), np.exp(a + (b - a) * rng.random((n_boot, len(o)))), np.inf)  # log-uniform within each interval
+        per.append((g.level.to_numpy(float), np.where(np.isfinite(o), o, np.inf), draws))
+    out = dict(runs=len(per), levels=max((len(l) for l, *_ in per), default=0), tau=math.nan, lo=math.nan, hi=math.nan, p=math.nan)
     if not per: return out
-    taus = np.array([_tau_b(l, r[None])[0] for l, r in per]); ok = np.isfinite(taus)
+    taus = np.array([_tau_b(l, o[None])[0] for l, o, _ in per]); ok = np.isfinite(taus)
     if not ok.any(): return out
     per = [p for p, k in zip(per, ok) if k]; taus = taus[ok]
-    rng = np.random.default_rng(seed)
-    boot = taus[rng.integers(0, len(taus), (n_boot, len(taus)))].mean(1)
-    perm = np.nanmean(np.stack([_tau_b(l, np.stack([rng.permutation(r) for _ in range(n_boot)])) for l, r in per]), 0)
+    tb = np.stack([_tau_b(l, d) for l, _, d in per])  # [runs, draws]
+    pick = rng.integers(0, len(per), (n_boot, len(per)))
+    boot = np.nanmean(tb[pick, np.arange(n_boot)[:, None]], 1)
+    perm = np.nanmean(np.stack([_tau_b(l, np.stack([rng.permutation(o) for _ in range(n_boot)])) for l, o, _ in per]), 0)
     obs = float(taus.mean())
-    out.update(runs=len(taus), tau=obs, lo=float(np.quantile(boot, 0.025)), hi=float(np.quantile(boot, 0.975)),
+    out.update(runs=len(taus), tau=obs, lo=float(np.nanquantile(boot, 0.025)), hi=float(np.nanquantile(boot, 0.975)),
                p=float((1 + (np.abs(perm) >= abs(obs) - 1e-12).sum()) / (1 + n_boot)))
     return out
 
-# %% ../nbs/11b_before.ipynb #3908f980
+# %% ../nbs/11b_before.ipynb #70a3791b
 def check_level_order(tab:pd.DataFrame, # `level_table` of a sweep
                       alpha:float=0.05, # Level of the permutation test
                       null_band:float=0.2, # |tau| below this is no appreciable order
@@ -320,15 +351,15 @@ def check_level_order(tab:pd.DataFrame, # `level_table` of a sweep
           f"(runs with an onset): {order}.")
     return Finding('c', st, v, ev, c['tau'], c['lo'], c['hi'], "Kendall's tau (level, onset)")
 
-# %% ../nbs/11b_before.ipynb #45ba2ede
+# %% ../nbs/11b_before.ipynb #977f135c
 def sign_crossing(run, # One run with `rel_dist` (and its interval `rel_dist_lo`, `rel_dist_hi`)
-                  persist:int=2, # Evaluations in a row rel_dist must stay below 0
+                  persist:int=2, # Evaluations in a row rel_dist must stay below 0 (or up to the end of the run)
                  ) -> Onset|None:
     "Step at which Halder's relative distance falls below 0 and stays (generalizing → memorizing), with an interval from its bootstrap bounds; `None` if it does not, or never surely."
     y = series(run, 'rel_dist').dropna(); s, v = y.index.to_numpy(float), y.to_numpy(float)
     lo = series(run, 'rel_dist_lo').reindex(y.index).to_numpy(float); hi = series(run, 'rel_dist_hi').reindex(y.index).to_numpy(float)
     below = v < 0
-    k = next((k for k in range(len(v) - persist + 1) if below[k:k+persist].all()), None)
+    k = next((k for k in range(len(v)) if below[k:k+persist].all()), None)  # below for `persist` evaluations, or to the end of the run
     if k is None: return None
     sure = np.flatnonzero((hi < 0) & (np.arange(len(v)) >= k))
     if not len(sure): return None  # below 0 only within its noise
@@ -338,7 +369,7 @@ def sign_crossing(run, # One run with `rel_dist` (and its interval `rel_dist_lo`
     above = np.flatnonzero((lo > 0) & (np.arange(len(v)) < k))
     return Onset(float(step), float(s[above[-1]]) if len(above) else 0.0, float(s[sure[0]]))
 
-# %% ../nbs/11b_before.ipynb #d2c022a1
+# %% ../nbs/11b_before.ipynb #e06f3a35
 def halder_table(df:pd.DataFrame, # Tidy table of a sweep with `rel_dist` rows
                 ) -> pd.DataFrame:
     "One row per run: τ_mem, the step at which Halder's relative distance crosses 0 downward (intervals), and where it lies against τ_mem."
@@ -356,7 +387,7 @@ def halder_table(df:pd.DataFrame, # Tidy table of a sweep with `rel_dist` rows
                          position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #f77f7d02
+# %% ../nbs/11b_before.ipynb #75740b58
 def check_halder(tab:pd.DataFrame, # `halder_table` of a sweep
                 ) -> Finding:
     "(d) Halder's criterion changes side (rel_dist falls below 0) near τ_mem: the crossing's interval overlaps τ_mem's, in every run."
@@ -375,20 +406,20 @@ def check_halder(tab:pd.DataFrame, # `halder_table` of a sweep
           f"it in {pos.get('before', 0)} and after it in {pos.get('after', 0)} of {n} runs that reached τ_mem.{never}")
     return Finding('d', st, _tally(ok, bad, n), ev + ('.' if never else ''), e, lo, hi, 'crossing step / τ_mem')
 
-# %% ../nbs/11b_before.ipynb #53f6c80c
+# %% ../nbs/11b_before.ipynb #3299c220
 def before_tables(df:pd.DataFrame, # Tidy table of a sweep (`claims.load_study`)
                  ) -> dict:
     "The four per-run tables behind the statements: `agreement`, `denoiser`, `levels`, `halder` (each empty when the sweep lacks the measure)."
     return dict(agreement=agreement_table(df), denoiser=denoiser_table(df), levels=level_table(df), halder=halder_table(df))
 
-# %% ../nbs/11b_before.ipynb #7e6af184
+# %% ../nbs/11b_before.ipynb #7011cb0e
 def before_findings(tables:dict, # `before_tables` of a sweep
                    ) -> pd.DataFrame:
     "The verdicts (a)–(d), one `Finding` per row (`claims.verdict_markdown` writes them out)."
-    return pd.DataFrame([check_agreement(tables['agreement']), check_denoiser(tables['denoiser']),
+    return pd.DataFrame([check_agreement(tables['agreement']), check_denoiser(tables['denoiser']), check_renewed(tables['denoiser']),
                          check_level_order(tables['levels']), check_halder(tables['halder'])], columns=Finding._fields)
 
-# %% ../nbs/11b_before.ipynb #86ef558a
+# %% ../nbs/11b_before.ipynb #aef52229
 def _norm(v, x, axis):
     "A step on the sweep's normalized axis."
     if not math.isfinite(v): return v
@@ -397,22 +428,23 @@ def _norm(v, x, axis):
 def run_table(tables:dict, # `before_tables` of a sweep
               axis:str|None='N', # The sweep's normalized-step factor (`N`, `B`, `lr`) or `None`: steps are shown normalized
              ) -> pd.DataFrame:
-    "The per-run numbers behind (a), (b) and (d) for a page: τ_mem, the first decline of the distance to D* (level), the Halder crossing and the agreement peak, normalized steps with 95% intervals."
+    "The per-run numbers behind (a), (b) and (d) for a page: τ_mem, the levels where the distance to D* falls before it and the first renewed fall, the Halder crossing and the agreement peak, on the normalized step with 95% intervals."
     f = lambda v, lo, hi, x: '–' if not math.isfinite(v) else f"{fmt_num(_norm(v, x, axis))} [{fmt_num(_norm(lo, x, axis))}, {fmt_num(_norm(hi, x, axis))}]"
     rows = {}
-    for t in ('denoiser', 'halder'):
-        src = first_onsets(tables['denoiser']) if t == 'denoiser' else tables['halder']
-        for x in src.itertuples():
-            d = rows.setdefault(x.run_dir, {'N': int(x.N), 'seed': int(x.seed), 'τ_mem': f(x.tau, x.tau_lo, x.tau_hi, x)})
-            if t == 'denoiser':
-                d['distance to D* starts to fall'] = (f(x.onset, x.onset_lo, x.onset_hi, x) + f" (t = {x.first_level:g})") if math.isfinite(x.onset) else 'no fall'
-            else: d['rel_dist falls below 0'] = f(x.cross, x.cross_lo, x.cross_hi, x) if math.isfinite(x.cross) else f'no crossing (final {x.final_rel:+.2f})'
+    for rd, g in tables['denoiser'].groupby('run_dir', sort=False):
+        x = g.iloc[0]; d = rows.setdefault(rd, {'N': int(x.N), 'seed': int(x.seed), 'τ_mem': f(x.tau, x.tau_lo, x.tau_hi, x)})
+        d['distance to D* already falls before τ_mem at'] = ', '.join(f'{l:g}' for l in g[g.falls_before].level) or 'no level'
+        late = g[g.position.isin(['at', 'after'])].sort_values('onset')
+        d['its renewed fall, first (t)'] = (f(late.onset.iloc[0], late.onset_lo.iloc[0], late.onset_hi.iloc[0], x) + f" (t = {late.level.iloc[0]:g})") if len(late) else 'none at or after τ_mem'
+    for x in tables['halder'].itertuples():
+        d = rows.setdefault(x.run_dir, {'N': int(x.N), 'seed': int(x.seed), 'τ_mem': f(x.tau, x.tau_lo, x.tau_hi, x)})
+        d['rel_dist falls below 0'] = f(x.cross, x.cross_lo, x.cross_hi, x) if math.isfinite(x.cross) else f'no crossing (final {x.final_rel:+.2f})'
     for x in tables['agreement'].itertuples():
         if x.first_run in rows: rows[x.first_run]['agreement peak (paired run)'] = f(x.peak, x.peak_lo, x.peak_hi, x) + (', falls after τ_mem' if x.falls else ', does not fall')
     out = pd.DataFrame(list(rows.values()))
     return out.sort_values(['N', 'seed']).set_index(['N', 'seed']).fillna('–') if len(out) else out
 
-# %% ../nbs/11b_before.ipynb #81641312
+# %% ../nbs/11b_before.ipynb #6633ab68
 def before_figure(df:pd.DataFrame, # Tidy table of a sweep
                   tables:dict, # Its `before_tables`
                   axis:str|None='N', # The normalized-step factor of the sweep
