@@ -267,7 +267,7 @@ def test_navigation_bar(site, page, shots):
     "Clicking through the navigation bar reaches each page, marks it as current, and the title leads home."
     page.goto((site/'index.html').as_uri())
     assert page.locator('nav.dm-nav a.dm-current').count() == 0, "the home page marks a navigation item as current"
-    for text in ('CPU demo', 'Definitions', 'Dataset size', 'Theory'):
+    for text in ('CPU demo', 'Definitions', 'Dataset size', 'Theory', 'Before τ_mem'):
         page.locator('nav.dm-nav > a', has_text=text).first.click()
         page.wait_for_load_state('load')
         cur = page.locator('nav.dm-nav a.dm-current').all_inner_texts()
