@@ -12,7 +12,7 @@ __all__ = ['MATCH', 'Finding', 'relative_position', 'pooled_ratio', 'peak_step',
            'check_renewed', 'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table',
            'check_halder', 'before_tables', 'before_findings', 'run_table', 'before_figure']
 
-# %% ../nbs/11b_before.ipynb #31431c89
+# %% ../nbs/11b_before.ipynb #08005950
 import math
 from typing import NamedTuple
 import numpy as np, pandas as pd
@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from .plots import log_ticks, value_label
 
-# %% ../nbs/11b_before.ipynb #d4c0310c
+# %% ../nbs/11b_before.ipynb #5ec43e59
 class Finding(NamedTuple):
     "A statement on what is learned before τ_mem, the data's verdict, a plain sentence of evidence, and the estimate with its 95% interval."
     claim:str # Which statement: `(a)`, `(b)`, `(b′)`, `(c)` or `(d)` (the label of the verdict)
@@ -36,7 +36,7 @@ class Finding(NamedTuple):
     hi:float=math.nan # The upper end
     unit:str='' # What the estimate measures
 
-# %% ../nbs/11b_before.ipynb #3add3e1d
+# %% ../nbs/11b_before.ipynb #fbab0162
 def relative_position(a:Onset|None, # A step with its interval (e.g. the peak of agreement)
                       ref:Onset|None, # The reference step with its interval (e.g. τ_mem)
                      ) -> tuple: # (position, ratio, lo, hi)
@@ -45,7 +45,7 @@ def relative_position(a:Onset|None, # A step with its interval (e.g. the peak of
     pos = 'before' if a.hi < ref.lo else 'after' if a.lo > ref.hi else 'at'
     return pos, a.step / ref.step, a.lo / ref.hi if ref.hi > 0 else math.nan, a.hi / ref.lo if ref.lo > 0 else math.inf
 
-# %% ../nbs/11b_before.ipynb #cac26b88
+# %% ../nbs/11b_before.ipynb #c2247833
 def pooled_ratio(ratio, # Ratios of two steps, one per run (e.g. peak / τ_mem)
                  lo=None, # Their lower 95% bounds (`None`: unknown)
                  hi=None, # Their upper 95% bounds
@@ -59,7 +59,7 @@ def pooled_ratio(ratio, # Ratios of two steps, one per run (e.g. peak / τ_mem)
     e = float(np.exp(l.mean()))
     return e, float(np.nanmin([np.exp(l.mean() - h), own(lo)])), float(np.nanmax([np.exp(l.mean() + h), own(hi)]))
 
-# %% ../nbs/11b_before.ipynb #d1dd4153
+# %% ../nbs/11b_before.ipynb #f437bacf
 def _tally(ok:int, bad:int, n:int) -> str:
     "supported when every run supports, contradicted when more than half contradict, else undecided."
     return 'supported' if n and ok == n else 'contradicted' if bad > n / 2 else 'undecided'
@@ -67,7 +67,7 @@ def _tally(ok:int, bad:int, n:int) -> str:
 def _steps(o) -> str: return f"{fmt_num(o[0])} [{fmt_num(o[1])}, {fmt_num(o[2])}]"
 def _ratio(e, lo, hi) -> str: return f"{e:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(e) else '–'
 
-# %% ../nbs/11b_before.ipynb #2de6d8c8
+# %% ../nbs/11b_before.ipynb #8e9b3a3c
 def peak_step(y:pd.Series, # A curve indexed by step (e.g. `series(run, 'agree_cos')`)
               kind:str='max', # `max` (cosine agreement) or `min` (L2 distance: agreement is a small distance)
               smooth:int=3, # Width of the running median (evaluations)
@@ -86,7 +86,7 @@ def peak_step(y:pd.Series, # A curve indexed by step (e.g. `series(run, 'agree_c
     ql, qh = np.quantile(ks, [0.025, 0.975]).astype(int)  # a peak at evaluation j lies between evaluations j-1 and j+1
     return Onset(float(s[k]), float(s[max(min(ql, k) - 1, 0)]), float(s[min(max(qh, k) + 1, len(s) - 1)]))
 
-# %% ../nbs/11b_before.ipynb #b8de2a90
+# %% ../nbs/11b_before.ipynb #6e5ef2ff
 MATCH = ['dataset', 'N', 'unet', 'params', 'B', 'lr', 'objective', 'seed']  # run columns a partner shares with its first run
 
 def first_run(df:pd.DataFrame, # Tidy table of a sweep
@@ -98,7 +98,7 @@ def first_run(df:pd.DataFrame, # Tidy table of a sweep
     same = runs[(runs.subset_offset == 0) & (runs[keep].eq(p[keep]) | (runs[keep].isna() & p[keep].isna())).all(axis=1)]
     return str(same.index[0]) if len(same) else None
 
-# %% ../nbs/11b_before.ipynb #4c2ebc42
+# %% ../nbs/11b_before.ipynb #5ebdadf4
 def _tau(g:pd.DataFrame) -> Onset|None:
     "τ_mem of one run's rows, `None` when the run has no train and test loss or never diverges."
     has = lambda sp: ((g.metric == 'loss') & (g.split == sp)).any()
@@ -137,7 +137,7 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
                          position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #d7f6f08f
+# %% ../nbs/11b_before.ipynb #b9c5bb6e
 def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
                     metric:str='agree_cos', # The agreement measure the table holds (for the sentence)
                    ) -> Finding:
@@ -156,10 +156,11 @@ def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
     miss = f" {len(tab) - n} pair(s) left out: the first run did not reach τ_mem." if len(tab) > n else ''
     if start.any(): miss += (f" In {int(start.sum())} pair(s) the agreement never rises above its value at the first evaluations (beyond its noise), "
                              f"where both models still share their initialization: no peak reached by learning, so the statement is undecided there.")
-    return Finding('(a)', st, _tally(ok, bad, n), f"peak / τ_mem = {_ratio(e, lo, hi)} over {n} pair(s) (below 1: the peak comes first); "
+    head = f"peak / τ_mem = {_ratio(e, lo, hi)} over {int((~start).sum())} pair(s) (below 1: the peak comes first); " if (~start).any() else ''
+    return Finding('(a)', st, _tally(ok, bad, n), head +
                    f"the peak lies before τ_mem and agreement falls after it in {ok} of {n} ({why}).{miss}", e, lo, hi, 'peak step / τ_mem')
 
-# %% ../nbs/11b_before.ipynb #cf5c04d3
+# %% ../nbs/11b_before.ipynb #1f07ab85
 def _knot_basis(x:np.ndarray, x1:np.ndarray, x2:np.ndarray) -> np.ndarray:
     "Design matrices [pairs, points, 3] of a continuous curve with knots x1 ≤ x2: a slope before x1, flat between, a slope after x2."
     X, A, B = x[None], x1[:, None], x2[:, None]
@@ -193,7 +194,7 @@ def decline_onset(y:pd.Series, # A positive curve indexed by step (e.g. the dist
     lo = min(inside.min(), x[k-1] if x2[i] > x[k-1] else x[max(k-2, 0)]); hi = max(inside.max(), x[min(k, m-1)])
     return Onset(float(10**x2[i]), float(10**lo), float(10**hi))
 
-# %% ../nbs/11b_before.ipynb #2e62dbfd
+# %% ../nbs/11b_before.ipynb #48cdbbb9
 def _level_of(metric:str, prefix:str) -> float|None:
     try: return float(metric.split('/', 1)[1]) if metric.startswith(prefix + '/') else None
     except ValueError: return None
@@ -203,7 +204,7 @@ def main_runs(df:pd.DataFrame, # Tidy table of a sweep
     "The rows of the runs on the first N images (`subset_offset` 0): partner runs only serve the agreement."
     return df[df.subset_offset == 0] if 'subset_offset' in df else df
 
-# %% ../nbs/11b_before.ipynb #31c35936
+# %% ../nbs/11b_before.ipynb #86c391bc
 def pre_slope(y:pd.Series, # A positive curve indexed by step
               until:float, # The step before which it is measured (exclusive), e.g. the lower end of τ_mem's interval
               window:int=4, # The last evaluations before `until` that are used
@@ -217,7 +218,7 @@ def pre_slope(y:pd.Series, # A positive curve indexed by step
     h = stats.t.ppf(0.5 + level / 2, len(y) - 2) * f.stderr
     return float(f.slope), float(f.slope - h), float(f.slope + h)
 
-# %% ../nbs/11b_before.ipynb #571c90cd
+# %% ../nbs/11b_before.ipynb #6a528f0d
 def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<t>` rows
                    split:str='train', # The noised images the distance was measured on: `train` or `test`
                    min_fall:float=0.2, # It already falls before τ_mem when its slope's interval lies below -min_fall (log distance per decade: 0.2 is 18%)
@@ -240,7 +241,7 @@ def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<
                              **dict(zip(('onset', 'onset_lo', 'onset_hi'), _nan_onset(o))), position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #4f155578
+# %% ../nbs/11b_before.ipynb #0e0cab1e
 def _share(k:int, n:int) -> tuple:
     "k/n with its Wilson 95% interval (NaN when n is 0)."
     if n == 0: return math.nan, math.nan, math.nan
@@ -265,7 +266,7 @@ def check_denoiser(tab:pd.DataFrame, # `denoiser_table` of a sweep
           f"begins at τ_mem at {ka} of {len(at)} (run, level) pairs where one is found.")
     return Finding('(b)', st, v, ev, e, lo, hi, 'share of (run, level) pairs whose distance falls before τ_mem')
 
-# %% ../nbs/11b_before.ipynb #e6c69594
+# %% ../nbs/11b_before.ipynb #8d23d7cb
 def check_renewed(tab:pd.DataFrame, # `denoiser_table` of a sweep
                  ) -> Finding:
     "(b′) Where the distance to the empirical denoiser falls again after a pause, the renewed fall begins at τ_mem; and at which noise levels first."
@@ -288,7 +289,7 @@ def check_renewed(tab:pd.DataFrame, # `denoiser_table` of a sweep
     return Finding("(b′)", st, v, f"a renewed fall begins at τ_mem (intervals overlap) at {k} of {len(d)} (run, level) pairs where one is found, "
                    f"a share of {e:.2f} [{lo:.2f}, {hi:.2f}] ({per}).{fl}", e, lo, hi, 'share of renewed falls that begin at τ_mem')
 
-# %% ../nbs/11b_before.ipynb #72b16e2b
+# %% ../nbs/11b_before.ipynb #46ff14b3
 def level_table(df:pd.DataFrame, # Tidy table of a sweep with per-level losses `loss_t/<t>/train|test`
                 **kw, # Settings of the τ_mem rule (see `analysis.gap_fit`)
                ) -> pd.DataFrame:
@@ -300,7 +301,7 @@ def level_table(df:pd.DataFrame, # Tidy table of a sweep with per-level losses `
     cols = ['run_dir', 'cell_id', 'N', 'B', 'lr', 'seed', 'steps', 'level', 'tau_mem', 'lo', 'hi']
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
-# %% ../nbs/11b_before.ipynb #ef2d20fe
+# %% ../nbs/11b_before.ipynb #1a3a456a
 def _tau_b(x:np.ndarray, Y:np.ndarray) -> np.ndarray:
     "Kendall's tau-b of `x` [n] with each row of `Y` [k, n] (ties allowed; NaN where a row is all ties)."
     dx = np.sign(x[:, None] - x[None])[None]; dy = np.sign(Y[:, :, None] - Y[:, None])
@@ -337,7 +338,7 @@ def level_order(tab:pd.DataFrame, # One row per run and level: `run_dir`, `level
                p=float((1 + (np.abs(perm) >= abs(obs) - 1e-12).sum()) / (1 + n_boot)))
     return out
 
-# %% ../nbs/11b_before.ipynb #e67869a6
+# %% ../nbs/11b_before.ipynb #6ac10d21
 def check_level_order(tab:pd.DataFrame, # `level_table` of a sweep
                       alpha:float=0.05, # Level of the permutation test
                       null_band:float=0.2, # |tau| below this is no appreciable order
@@ -358,7 +359,7 @@ def check_level_order(tab:pd.DataFrame, # `level_table` of a sweep
           f"(runs with an onset): {order}.")
     return Finding('(c)', st, v, ev, c['tau'], c['lo'], c['hi'], "Kendall's tau (level, onset)")
 
-# %% ../nbs/11b_before.ipynb #e6b5ed32
+# %% ../nbs/11b_before.ipynb #dda6c5f1
 def sign_crossing(run, # One run with `rel_dist` (and its interval `rel_dist_lo`, `rel_dist_hi`)
                   persist:int=2, # Evaluations in a row rel_dist must stay below 0 (or up to the end of the run)
                  ) -> Onset|None:
@@ -377,7 +378,7 @@ def sign_crossing(run, # One run with `rel_dist` (and its interval `rel_dist_lo`
     above = np.flatnonzero((lo > 0) & (np.arange(len(v)) < k))
     return Onset(float(step), float(s[above[-1]]) if len(above) else 0.0, float(s[sure[0]]))
 
-# %% ../nbs/11b_before.ipynb #dc412565
+# %% ../nbs/11b_before.ipynb #07bfe2dc
 def halder_table(df:pd.DataFrame, # Tidy table of a sweep with `rel_dist` rows
                 ) -> pd.DataFrame:
     "One row per run: τ_mem, the step at which Halder's relative distance crosses 0 downward (intervals), and where it lies against τ_mem."
@@ -395,7 +396,7 @@ def halder_table(df:pd.DataFrame, # Tidy table of a sweep with `rel_dist` rows
                          position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh))
     return pd.DataFrame(rows, columns=cols)
 
-# %% ../nbs/11b_before.ipynb #5dc8ba13
+# %% ../nbs/11b_before.ipynb #099faf6f
 def check_halder(tab:pd.DataFrame, # `halder_table` of a sweep
                 ) -> Finding:
     "(d) Halder's criterion changes side (rel_dist falls below 0) near τ_mem: the crossing's interval overlaps τ_mem's, in every run."
@@ -414,7 +415,7 @@ def check_halder(tab:pd.DataFrame, # `halder_table` of a sweep
           f"it in {pos.get('before', 0)} and after it in {pos.get('after', 0)} of {n} runs that reached τ_mem.{never}")
     return Finding('(d)', st, _tally(ok, bad, n), ev + ('.' if never else ''), e, lo, hi, 'crossing step / τ_mem')
 
-# %% ../nbs/11b_before.ipynb #c30060af
+# %% ../nbs/11b_before.ipynb #e1befb1c
 def before_tables(df:pd.DataFrame, # Tidy table of a sweep (`claims.load_study`)
                  ) -> dict:
     "The four per-run tables behind the statements: `agreement`, `denoiser`, `levels`, `halder` (each empty when the sweep lacks the measure)."
@@ -422,14 +423,14 @@ def before_tables(df:pd.DataFrame, # Tidy table of a sweep (`claims.load_study`)
     df = df[keep].astype({c: object for c in ('run_dir', 'metric', 'split')})  # only what is used, in plain strings (fast to filter)
     return dict(agreement=agreement_table(df), denoiser=denoiser_table(df), levels=level_table(df), halder=halder_table(df))
 
-# %% ../nbs/11b_before.ipynb #3ebe7960
+# %% ../nbs/11b_before.ipynb #ada76a87
 def before_findings(tables:dict, # `before_tables` of a sweep
                    ) -> pd.DataFrame:
     "The verdicts (a)–(d), one `Finding` per row (`claims.verdict_markdown` writes them out)."
     return pd.DataFrame([check_agreement(tables['agreement']), check_denoiser(tables['denoiser']), check_renewed(tables['denoiser']),
                          check_level_order(tables['levels']), check_halder(tables['halder'])], columns=Finding._fields)
 
-# %% ../nbs/11b_before.ipynb #edbb7a1e
+# %% ../nbs/11b_before.ipynb #dc09d6aa
 def _norm(v, x, axis):
     "A step on the sweep's normalized axis."
     if not math.isfinite(v): return v
@@ -454,7 +455,7 @@ def run_table(tables:dict, # `before_tables` of a sweep
     out = pd.DataFrame(list(rows.values()))
     return out.sort_values(['N', 'seed']).set_index(['N', 'seed']).fillna('–') if len(out) else out
 
-# %% ../nbs/11b_before.ipynb #571c504f
+# %% ../nbs/11b_before.ipynb #f74caf5a
 def before_figure(df:pd.DataFrame, # Tidy table of a sweep
                   tables:dict, # Its `before_tables`
                   axis:str|None='N', # The normalized-step factor of the sweep
