@@ -191,6 +191,9 @@ def test_pages_explain_themselves(site):
     assert not [p for p, t in text.items() if 'STUDY.md' in t]
     assert 'Definitions' in text['report/demo.html'] and 'normalized step' in text['report/definitions.html']
     for col in ('boot_crossing', 'n_star_logit', 'bracketed'): assert col not in text['report/theory.html'], col
+    before = text['report/before_tau.html']  # the verdicts, or the note that the sweep is not collected yet
+    assert 'No results yet' in before or 'of 5 statements' in before, before[:500]
+    for col in ('pre_slope', 'falls_before', 'first_run', 'ratio_lo'): assert col not in before, col
     assert 'not measured' not in text['index.html']
 
 
@@ -264,7 +267,7 @@ def test_navigation_bar(site, page, shots):
     "Clicking through the navigation bar reaches each page, marks it as current, and the title leads home."
     page.goto((site/'index.html').as_uri())
     assert page.locator('nav.dm-nav a.dm-current').count() == 0, "the home page marks a navigation item as current"
-    for text in ('CPU demo', 'Definitions', 'Dataset size', 'Theory'):
+    for text in ('CPU demo', 'Definitions', 'Dataset size', 'Theory', 'Before τ_mem'):
         page.locator('nav.dm-nav > a', has_text=text).first.click()
         page.wait_for_load_state('load')
         cur = page.locator('nav.dm-nav a.dm-current').all_inner_texts()
