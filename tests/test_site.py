@@ -88,11 +88,11 @@ def standin(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def quarto_site(standin, tmp_path_factory):
-    "`dmstudy report --backend quarto` with the stand-in on the PATH."
+    "`dmstudy report --backend quarto --no-execute` with the stand-in on the PATH (the `site` fixture executes the pages)."
     from dmstudy.cli import main
     out = tmp_path_factory.mktemp('qsite')/'_site'
     old = os.environ['PATH']; os.environ['PATH'] = f'{standin}{os.pathsep}{old}'
-    try: assert main(['report', '--root', str(ROOT), '--out', str(out), '--backend', 'quarto']) == 0
+    try: assert main(['report', '--root', str(ROOT), '--out', str(out), '--backend', 'quarto', '--no-execute']) == 0
     finally: os.environ['PATH'] = old
     return out
 
