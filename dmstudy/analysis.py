@@ -93,7 +93,7 @@ def synthetic_run(path, # The run directory to write (created; existing files ar
     return path
 
 # %% ../nbs/06_analysis.ipynb #40757c7d
-RUN_COLUMNS = ['sweep', 'run_dir', 'cell_id', 'dataset', 'N', 'params', 'unet', 'B', 'lr', 'objective', 'seed', 'subset_offset']
+RUN_COLUMNS = ['sweep', 'run_dir', 'cell_id', 'dataset', 'N', 'params', 'unet', 'B', 'lr', 'objective', 'seed', 'subset_offset', 'eval_seed']  # eval_seed: the evaluation noise's seed (the run's seed unless set)
 TIDY_COLUMNS = RUN_COLUMNS + ['step', 'images_seen', 'metric', 'split', 'value']
 SPLITS = ('train', 'test')
 
@@ -139,7 +139,7 @@ def _run_rows(rd:Path, params:bool) -> tuple:
     if p is None: p = unet_params(cfg) if params else math.nan
     run = dict(sweep=rd.parent.name, run_dir=str(rd), cell_id=cell_id(cfg), dataset=cfg.dataset, N=cfg.n_train,
                params=float(p), unet=cfg.unet, B=cfg.batch_size, lr=float(cfg.lr), objective=cfg.objective, seed=cfg.seed,
-               subset_offset=cfg.subset_offset)
+               subset_offset=cfg.subset_offset, eval_seed=cfg.seed if cfg.eval_seed is None else cfg.eval_seed)
     rows = []
     for r in recs:
         step = int(r['step']); seen = int(r.get('images_seen', step * cfg.batch_size))
@@ -158,7 +158,7 @@ def load_runs(paths, # Run directories, or folders holding them (searched recurs
         frames.append(pd.DataFrame(rows, columns=['step', 'images_seen', 'metric', 'split', 'value']).assign(**run))
     if not frames: raise FileNotFoundError(f"No run directories (folders holding a run's config) under {paths}.")
     df = pd.concat(frames, ignore_index=True)[TIDY_COLUMNS]
-    return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'subset_offset': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
+    return df.astype({'N': 'int64', 'B': 'int64', 'seed': 'int64', 'subset_offset': 'int64', 'eval_seed': 'int64', 'step': 'int64', 'images_seen': 'int64', 'params': 'float64', 'lr': 'float64', 'value': 'float64'})
 
 # %% ../nbs/06_analysis.ipynb #881e5877
 def as_run(run) -> pd.DataFrame:
@@ -633,5 +633,6 @@ def read_results(path) -> pd.DataFrame:
     if not path.exists(): raise FileNotFoundError(f"No results file {path}; run the sweep or `dmstudy aggregate` to write it.")
     df = pd.read_parquet(path)
     if 'subset_offset' not in df and 'seed' in df: df.insert(list(df.columns).index('seed') + 1, 'subset_offset', 0)  # tables written before the column: every run took the first N
+    if 'eval_seed' not in df and 'seed' in df: df.insert(list(df.columns).index('subset_offset') + 1, 'eval_seed', df['seed'])  # ... and sampled from its own seed's noise
     _check_tidy(df, str(path))
     return df

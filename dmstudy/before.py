@@ -87,7 +87,7 @@ def peak_step(y:pd.Series, # A curve indexed by step (e.g. `series(run, 'agree_c
     return Onset(float(s[k]), float(s[max(min(ql, k) - 1, 0)]), float(s[min(max(qh, k) + 1, len(s) - 1)]))
 
 # %% ../nbs/11b_before.ipynb #6e5ef2ff
-MATCH = ['dataset', 'N', 'unet', 'params', 'B', 'lr', 'objective', 'seed']  # run columns a partner shares with its first run
+MATCH = ['dataset', 'N', 'unet', 'params', 'B', 'lr', 'objective', 'eval_seed']  # run columns a partner shares with its first run (as `analysis.paired_runs`: the same evaluation noise, its own seed)
 
 def first_run(df:pd.DataFrame, # Tidy table of a sweep
               partner:str, # The partner's `run_dir`
@@ -128,7 +128,7 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
         final = float(np.median(y.to_numpy(float)[-3:]))
         fall = sgn * (at_tau - final)  # how far agreement fell from τ_mem to the end (positive: it fell)
         at_peak = float(m[s == pk.step][0]) if pk else math.nan
-        rise = sgn * (at_peak - float(np.median(y.to_numpy(float)[:2])))  # how far it rose above its start (the shared initialization)
+        rise = sgn * (at_peak - float(np.median(y.to_numpy(float)[:2])))  # how far it rose above its start
         beyond = lambda d: bool(d > max(z * math.sqrt(2) * sig, 1e-12)) if math.isfinite(d) else False
         pos, ra, rl, rh = relative_position(pk, t)
         rows.append(dict(_run_info(g), first_run=first, **dict(zip(('tau', 'tau_lo', 'tau_hi'), _nan_onset(t))),
@@ -147,7 +147,7 @@ def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
     if tab.first_run.isna().all(): return Finding('(a)', st, 'undecided', f"the first run of the {len(tab)} partner run(s) is not in the table (the same configuration with subset_offset 0), so there is no τ_mem to compare the peak with.")
     r = tab[tab.tau.notna()]
     if r.empty: return Finding('(a)', st, 'undecided', f"no first run of the {len(tab)} pairs reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps), so there is no τ_mem to compare the peak with.")
-    start = ~r.rises  # never above its start beyond the noise: the shared initialization, not a peak reached by learning
+    start = ~r.rises  # never above its start beyond the noise: not a peak reached by learning
     ok = ((r.position == 'before') & r.falls & ~start).sum(); bad = ((r.position == 'after') | ~r.falls).sum(); n = len(r)
     why = '; '.join(f"N={x.N}: peak at {_steps((x.peak, x.peak_lo, x.peak_hi))}{' (the first evaluation)' if x.peak_lo == x.peak else ''}, "
                     f"τ_mem {_steps((x.tau, x.tau_lo, x.tau_hi))}: {x.position}, {'falls' if x.falls else 'does not fall'} after τ_mem "
@@ -155,7 +155,7 @@ def check_agreement(tab:pd.DataFrame, # `agreement_table` of a sweep
     e, lo, hi = pooled_ratio(r.ratio[~start], r.ratio_lo[~start], r.ratio_hi[~start])
     miss = f" {len(tab) - n} pair(s) left out: the first run did not reach τ_mem." if len(tab) > n else ''
     if start.any(): miss += (f" In {int(start.sum())} pair(s) the agreement never rises above its value at the first evaluations (beyond its noise), "
-                             f"where both models still share their initialization: no peak reached by learning, so the statement is undecided there.")
+                             f"so no peak is reached by learning and the statement is undecided there.")
     head = f"peak / τ_mem = {_ratio(e, lo, hi)} over {int((~start).sum())} pair(s) (below 1: the peak comes first); " if (~start).any() else ''
     return Finding('(a)', st, _tally(ok, bad, n), head +
                    f"the peak lies before τ_mem and agreement falls after it in {ok} of {n} ({why}).{miss}", e, lo, hi, 'peak step / τ_mem')
