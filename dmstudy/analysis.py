@@ -11,8 +11,8 @@ __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'COPY_SPACES'
            'has_metric', 'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem',
            'tau_mem_by_level', 'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'mem_label', 'best_fidelity',
            'double_descent', 'Ratio', 'trajectory_gain', 'level_gaps', 'level_concordance', 'split_distances',
-           'split_table', 'paired_runs', 'pair_agreement', 'agreement_rows', 'normalized_step', 'ScalingFit',
-           'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
+           'split_table', 'paired_runs', 'pair_agreement', 'agreement_rows', 'main_runs', 'normalized_step',
+           'ScalingFit', 'scaling_fit', 'summarize_run', 'summarize', 'save_results', 'read_results']
 
 # %% ../nbs/06_analysis.ipynb #e8c461f1
 import functools, math, os, warnings
@@ -526,6 +526,12 @@ def agreement_rows(df:pd.DataFrame, # Tidy table of a sweep (`load_runs`)
             out.append(pd.DataFrame({'run_dir': str(b), **info.to_dict(), 'step': g.step, 'images_seen': g.step * int(info.B), 'metric': m, 'split': '', 'value': g[m]}))
     if not out: return pd.DataFrame(columns=TIDY_COLUMNS)
     return pd.concat(out, ignore_index=True)[TIDY_COLUMNS].astype(df[TIDY_COLUMNS].dtypes.to_dict())
+
+# %% ../nbs/06_analysis.ipynb #0544de3d
+def main_runs(df:pd.DataFrame, # Tidy table of a sweep
+             ) -> pd.DataFrame:
+    "The rows of the runs trained on the first N images (`subset_offset` 0): a sweep's disjoint-data partners left out."
+    return df[df.subset_offset.fillna(0) == 0] if 'subset_offset' in df else df
 
 # %% ../nbs/06_analysis.ipynb #29801e64
 N_MIN, B_MIN, LR_MIN = 2048, 16, 1e-5

@@ -8,16 +8,16 @@ Docs: https://dmstudy.github.io/dmstudy/before.html.md"""
 
 # %% auto #0
 __all__ = ['MATCH', 'Finding', 'relative_position', 'pooled_ratio', 'peak_step', 'first_run', 'agreement_table',
-           'check_agreement', 'decline_onset', 'main_runs', 'pre_slope', 'denoiser_table', 'check_denoiser',
-           'check_renewed', 'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table',
-           'check_halder', 'before_tables', 'before_findings', 'run_table', 'before_figure']
+           'check_agreement', 'decline_onset', 'pre_slope', 'denoiser_table', 'check_denoiser', 'check_renewed',
+           'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table', 'check_halder',
+           'before_tables', 'before_findings', 'run_table', 'before_figure']
 
 # %% ../nbs/11b_before.ipynb #08005950
 import math
 from typing import NamedTuple
 import numpy as np, pandas as pd
 from scipy import stats
-from .analysis import Onset, as_run, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
+from .analysis import Onset, as_run, main_runs, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
 from .claims import fmt_num
 from .metrics import wilson_interval
 import matplotlib.pyplot as plt
@@ -199,10 +199,6 @@ def _level_of(metric:str, prefix:str) -> float|None:
     try: return float(metric.split('/', 1)[1]) if metric.startswith(prefix + '/') else None
     except ValueError: return None
 
-def main_runs(df:pd.DataFrame, # Tidy table of a sweep
-             ) -> pd.DataFrame:
-    "The rows of the runs on the first N images (`subset_offset` 0): partner runs only serve the agreement."
-    return df[df.subset_offset == 0] if 'subset_offset' in df else df
 
 # %% ../nbs/11b_before.ipynb #86c391bc
 def pre_slope(y:pd.Series, # A positive curve indexed by step

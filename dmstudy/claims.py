@@ -8,14 +8,14 @@ Docs: https://dmstudy.github.io/dmstudy/claims.html.md"""
 # %% auto #0
 __all__ = ['CLAIMS', 'STUDIES', 'METRIC_SPACES', 'SEED_QUANTITIES', 'VERDICTS', 'HALDER', 'COST_COLUMNS', 'GRID_NAMES',
            'SWEEP_PAGES', 'find_root', 'results_dir', 'results_path', 'load_study', 'load_splits', 'sample_dirs',
-           'copy_samples', 'main_runs', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric',
-           'fidelity_metrics', 'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table',
-           'Verdict', 'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap',
-           'check_double_descent', 'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory',
-           'check_levels', 'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table',
-           'check_transition', 'transition_table', 'paper_values_path', 'paper_values', 'paper_measure', 'paper_table',
-           'cost_table', 'sweep_commands', 'show_sweep', 'study_page', 'sweep_verdicts', 'show_paper_scale',
-           'show_cpu_scale', 'claims_table']
+           'copy_samples', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric', 'fidelity_metrics',
+           'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table', 'Verdict',
+           'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap', 'check_double_descent',
+           'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory', 'check_levels',
+           'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table', 'check_transition',
+           'transition_table', 'paper_values_path', 'paper_values', 'paper_measure', 'paper_table', 'cost_table',
+           'sweep_commands', 'show_sweep', 'study_page', 'sweep_verdicts', 'show_paper_scale', 'show_cpu_scale',
+           'claims_table']
 
 # %% ../nbs/11_claims.ipynb #b7e7b5e6
 import math, os, shutil
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 import numpy as np, pandas as pd, yaml
 from scipy import stats
-from .analysis import (as_run, double_descent, level_concordance, level_gaps, mem_metric, mem_onset, normalized_step, read_results,
+from .analysis import (as_run, double_descent, level_concordance, level_gaps, main_runs, mem_metric, mem_onset, normalized_step, read_results,
                               scaling_fit, series, summarize, trajectory_gain)
 from .plots import nearest_neighbours, panels, sample_steps, sample_strip, scaling_plot, value_label
 
@@ -101,12 +101,6 @@ def copy_samples(run_dirs, # Run directories
         for s in keep: shutil.copy2(rd/'samples'/f'step_{s:07d}.png', d/'samples'/f'step_{s:07d}.png')
         out.append(d)
     return out
-
-# %% ../nbs/11_claims.ipynb #51bbaeac
-def main_runs(df:pd.DataFrame, # Tidy table of a sweep
-             ) -> pd.DataFrame:
-    "The rows of the runs trained on the first N images (`subset_offset` 0): a sweep's disjoint-data partners left out."
-    return df[df.subset_offset.fillna(0) == 0] if 'subset_offset' in df else df
 
 # %% ../nbs/11_claims.ipynb #d1c78549
 CLAIMS = {
