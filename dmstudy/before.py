@@ -244,13 +244,17 @@ def _share(k:int, n:int) -> tuple:
     lo, hi = wilson_interval(k, n)
     return k / n, float(lo), float(hi)
 
+def _no_denoiser_verdict(tab:pd.DataFrame, label:str, st:str) -> Finding|None:
+    "The undecided finding when a `denoiser_table` cannot judge a statement (no distance measured, no run reaching τ_mem), else `None`."
+    if tab.empty: return Finding(label, st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
+    if tab.tau.isna().all(): return Finding(label, st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps).")
+
 def check_denoiser(tab:pd.DataFrame, # `denoiser_table` of a sweep
                   ) -> Finding:
     "(b) The distance to the empirical denoiser starts to shrink at τ_mem: not already falling before τ_mem, and a fall that begins at τ_mem, at most (run, level)."
     st = 'the distance of the network to the empirical (memorizing) denoiser on noised training images starts to shrink at τ_mem, not before'
-    if tab.empty: return Finding('(b)', st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
+    if f := _no_denoiser_verdict(tab, '(b)', st): return f
     r = tab[tab.tau.notna()]
-    if r.empty: return Finding('(b)', st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps).")
     p = r[r.pre_slope.notna()]
     if p.empty: return Finding('(b)', st, 'undecided', 'τ_mem comes before the third evaluation in every run: too few evaluations before it to tell whether the distance already falls.')
     k = int(p.falls_before.sum()); e, lo, hi = _share(k, len(p))
@@ -267,9 +271,8 @@ def check_renewed(tab:pd.DataFrame, # `denoiser_table` of a sweep
                  ) -> Finding:
     "(b′) Where the distance to the empirical denoiser falls again after a pause, the renewed fall begins at τ_mem; and at which noise levels first."
     st = 'where the distance to the empirical denoiser falls again after a pause, it begins at τ_mem (and at some noise levels first)'
-    if tab.empty: return Finding("(b′)", st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
+    if f := _no_denoiser_verdict(tab, "(b′)", st): return f
     r = tab[tab.tau.notna()]
-    if r.empty: return Finding("(b′)", st, 'undecided', f"no run reached τ_mem within its budget (longest: {fmt_num(tab.steps.max())} steps).")
     d = r[r.onset.notna()]
     if d.empty: return Finding("(b′)", st, 'undecided', f"the distance does not fall again after a pause at any level of the {r.run_dir.nunique()} runs that reached τ_mem.")
     k = int((d.position == 'at').sum()); e, lo, hi = _share(k, len(d))
