@@ -8,7 +8,7 @@ Docs: https://dmstudy.github.io/dmstudy/analysis.html.md"""
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'TIDY_COLUMNS', 'SPLITS', 'MEM_METRICS', 'COPY_SPACES', 'FIDELITY_METRICS', 'N_MIN', 'B_MIN', 'LR_MIN',
            'AXES', 'synthetic_run', 'split_key', 'find_runs', 'unet_params', 'load_runs', 'as_run', 'series',
-           'has_metric', 'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem',
+           'has_metric', 'Onset', 'running_median', 'robust_sigma', 'hinge_fit', 'gap_fit', 'tau_mem', 'metric_level',
            'tau_mem_by_level', 'mem_metric', 'mem_onset', 'Rate', 'memorization_rate', 'mem_label', 'best_fidelity',
            'double_descent', 'Ratio', 'trajectory_gain', 'level_gaps', 'level_concordance', 'split_distances',
            'split_table', 'paired_runs', 'pair_agreement', 'agreement_rows', 'main_runs', 'normalized_step',
@@ -261,9 +261,11 @@ def tau_mem(run, metric:str='loss', **kw) -> Onset|None:
     return gap_fit(run, metric, **kw)['tau']
 
 # %% ../nbs/06_analysis.ipynb #e9b3f6a1
-def _level(metric:str) -> float|None:
-    "The noise level of a per-level loss name (`loss_t/0.1` → 0.1), `None` for any other name."
-    try: return float(metric.split('/', 1)[1]) if metric.startswith('loss_t/') else None
+def metric_level(metric:str, # A metric name of the tidy table, e.g. `loss_t/0.1` or `emp_denoiser/0.02`
+                 prefix:str='loss_t', # The per-level measure: `loss_t` (losses) or `emp_denoiser` (distance to the empirical denoiser)
+                ) -> float|None:
+    "The noise level of a per-level metric name (`loss_t/0.1` → 0.1), `None` for any other name."
+    try: return float(metric.split('/', 1)[1]) if metric.startswith(prefix + '/') else None
     except ValueError: return None
 
 def tau_mem_by_level(run, # One run (tidy rows or a run directory) with per-level losses `loss_t/<t>/train|test`
@@ -271,7 +273,7 @@ def tau_mem_by_level(run, # One run (tidy rows or a run directory) with per-leve
                     ) -> pd.DataFrame: # Columns `level`, `tau_mem`, `lo`, `hi`, one row per level, by level
     "τ_mem at each noise level of the per-level losses, with its interval (NaN where the test loss does not leave the train loss)."
     r = as_run(run)
-    lv = {m: _level(m) for m in r.metric.unique() if _level(m) is not None}
+    lv = {m: metric_level(m) for m in r.metric.unique() if metric_level(m) is not None}
     both = sorted((m for m in lv if {'train', 'test'} <= set(r.split[r.metric == m])), key=lv.get)
     if not both: raise KeyError("The run has no per-level losses on both splits (loss_t/<t>/train and /test); train it with 'loss_t' in RunConfig.metrics.")
     rows = []

@@ -10,19 +10,16 @@ Docs: https://dmstudy.github.io/dmstudy/before.html.md"""
 __all__ = ['MATCH', 'Finding', 'relative_position', 'pooled_ratio', 'peak_step', 'first_run', 'agreement_table',
            'check_agreement', 'decline_onset', 'pre_slope', 'denoiser_table', 'check_denoiser', 'check_renewed',
            'level_table', 'level_order', 'check_level_order', 'sign_crossing', 'halder_table', 'check_halder',
-           'before_tables', 'before_findings', 'run_table', 'before_figure']
+           'before_tables', 'before_findings', 'run_table']
 
 # %% ../nbs/11b_before.ipynb #08005950
 import math
 from typing import NamedTuple
 import numpy as np, pandas as pd
 from scipy import stats
-from .analysis import Onset, as_run, main_runs, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
+from .analysis import Onset, as_run, main_runs, metric_level, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
 from .claims import fmt_num
 from .metrics import wilson_interval
-import matplotlib.pyplot as plt
-import seaborn as sns
-from .plots import log_ticks, value_label
 
 # %% ../nbs/11b_before.ipynb #5ec43e59
 class Finding(NamedTuple):
@@ -194,12 +191,6 @@ def decline_onset(y:pd.Series, # A positive curve indexed by step (e.g. the dist
     lo = min(inside.min(), x[k-1] if x2[i] > x[k-1] else x[max(k-2, 0)]); hi = max(inside.max(), x[min(k, m-1)])
     return Onset(float(10**x2[i]), float(10**lo), float(10**hi))
 
-# %% ../nbs/11b_before.ipynb #48cdbbb9
-def _level_of(metric:str, prefix:str) -> float|None:
-    try: return float(metric.split('/', 1)[1]) if metric.startswith(prefix + '/') else None
-    except ValueError: return None
-
-
 # %% ../nbs/11b_before.ipynb #86c391bc
 def pre_slope(y:pd.Series, # A positive curve indexed by step
               until:float, # The step before which it is measured (exclusive), e.g. the lower end of τ_mem's interval
@@ -225,7 +216,7 @@ def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<
             'onset', 'onset_lo', 'onset_hi', 'position', 'ratio', 'ratio_lo', 'ratio_hi']
     rows = []
     for rd, g in main_runs(df).groupby('run_dir', sort=False):
-        lv = {m: _level_of(m, 'emp_denoiser') for m in g.metric.unique() if _level_of(m, 'emp_denoiser') is not None}
+        lv = {m: metric_level(m, 'emp_denoiser') for m in g.metric.unique() if metric_level(m, 'emp_denoiser') is not None}
         if not lv: continue
         t = _tau(g)
         for m in sorted(lv, key=lv.get):
@@ -453,53 +444,3 @@ def run_table(tables:dict, # `before_tables` of a sweep
         if x.first_run in rows: rows[x.first_run]['agreement peak (paired run)'] = f(x.peak, x.peak_lo, x.peak_hi, x) + (', falls after τ_mem' if x.falls else ', does not fall')
     out = pd.DataFrame(list(rows.values()))
     return out.sort_values(['N', 'seed']).set_index(['N', 'seed']).fillna('–') if len(out) else out
-
-# %% ../nbs/11b_before.ipynb #f74caf5a
-def before_figure(df:pd.DataFrame, # Tidy table of a sweep
-                  tables:dict, # Its `before_tables`
-                  axis:str|None='N', # The normalized-step factor of the sweep
-                  hue:str='N', # The swept column
-                 ) -> plt.Figure:
-    "The four measures against the normalized step: agreement of paired runs, distance to D* by level, τ_mem by level, Halder's relative distance; τ_mem's range shaded."
-    x = 'normalized step' if axis else 'step'
-    d = df[df.metric.isin(['agree_cos', 'rel_dist']) | df.metric.str.startswith('emp_denoiser/')]  # what is drawn as curves
-    d = normalized_step(d, axis) if axis else d
-    vals = sorted(d[hue].unique()); pal = dict(zip(vals, sns.color_palette('viridis', len(vals))))
-    fig, axs = plt.subplots(2, 2, figsize=(11, 7.5), layout='constrained')
-    taus = pd.concat([t[['run_dir', 'N', 'B', 'lr', 'tau', 'tau_lo', 'tau_hi']] for t in (tables['denoiser'], tables['halder'], tables['agreement']) if len(t)]).drop_duplicates('run_dir') if any(len(tables[k]) for k in ('denoiser', 'halder', 'agreement')) else pd.DataFrame()
-    def shade(ax):
-        if taus.empty or taus.tau.isna().all(): return
-        nt = normalized_step(taus.dropna(subset=['tau']), axis, 'tau', 'n') if axis else taus.assign(n=taus.tau)
-        ax.axvspan(nt.n.min(), nt.n.max(), color='0.85', zorder=0, label='τ_mem of the runs')
-    def lines(ax, m, split='', title='', ylabel=''):
-        src = d if m.startswith('agree_') else main_runs(d)  # partner runs serve the agreement only
-        sub = src[(src.metric == m) & (src.split == split)]
-        for (v, rd), g in sub.groupby([hue, 'run_dir']):
-            g = g.sort_values(x); ax.plot(g[x], g.value, color=pal[v], lw=1.2, alpha=0.9)
-        ax.set(title=title, ylabel=ylabel, xlabel=x, xscale='log')
-        if len(sub): log_ticks(ax); shade(ax)
-        else: ax.set(xticks=[], yticks=[]); ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes, color='0.4')
-    lines(axs[0, 0], 'agree_cos', title='(a) Agreement of paired runs', ylabel='mean cosine of paired samples')
-    ax = axs[0, 1]; em = main_runs(d); em = em[em.metric.str.startswith('emp_denoiser/') & (em.split == 'train')]
-    if len(em):
-        lv = sorted({_level_of(m, 'emp_denoiser') for m in em.metric.unique()}); lp = dict(zip(lv, sns.color_palette('rocket_r', len(lv))))
-        e = em.assign(level=em.metric.map(lambda m: _level_of(m, 'emp_denoiser')))
-        for (l, v), g in e.groupby(['level', hue]):
-            gm = g.groupby(x).value.median()  # the median over the seeds of one swept value
-            ax.plot(gm.index, gm.values, color=lp[l], lw=1, label=f't = {l:g}' if v == vals[0] else None)
-        ax.legend(fontsize=8, title='noise level', title_fontsize=8); ax.set_yscale('log')
-    ax.set(title='(b) Distance to D* on noised training images', ylabel='mean squared distance per pixel\n(median over seeds)', xlabel=x, xscale='log')
-    if len(em): log_ticks(ax)
-    shade(ax)
-    ax = axs[1, 0]; lt = tables['levels']
-    if len(lt) and lt.tau_mem.notna().any():
-        ln = normalized_step(lt.dropna(subset=['tau_mem']), axis, 'tau_mem', 'n') if axis else lt.dropna(subset=['tau_mem']).assign(n=lambda t: t.tau_mem)
-        for v, g in ln.groupby(hue): ax.scatter(g.level, g.n, color=pal.get(v, 'k'), s=18)
-        med = ln.groupby('level').n.median(); ax.plot(med.index, med.values, 'k-', lw=1, label='median')
-        ax.set_yscale('log'); log_ticks(ax, 'y'); ax.legend(fontsize=8)
-    else: ax.text(0.5, 0.5, 'no onset at any level', ha='center', va='center', transform=ax.transAxes, color='0.4')
-    ax.set(title='(c) τ_mem by noise level', xlabel='noise level t', ylabel=f'τ_mem ({x})')
-    lines(axs[1, 1], 'rel_dist', title="(d) Halder's relative distance of the samples", ylabel='rel = Δ / e_OG (< 0: memorizing)')
-    axs[1, 1].axhline(0, color='k', lw=0.8, ls='--')
-    fig.legend([plt.Line2D([], [], color=pal[v]) for v in vals], [value_label(hue, v) for v in vals], title=hue, loc='outside right upper', frameon=False)
-    return fig

@@ -6,7 +6,7 @@ Docs: https://dmstudy.github.io/dmstudy/plots.html.md"""
 
 # %% auto #0
 __all__ = ['PANELS', 'DASHES', 'value_label', 'log_ticks', 'panels', 'sample_steps', 'image_side', 'strip_array', 'sample_strip',
-           'last_samples', 'training_images', 'nearest_neighbours', 'scaling_plot']
+           'last_samples', 'training_images', 'nearest_neighbours', 'scaling_plot', 'before_figure']
 
 # %% ../nbs/07_plots.ipynb #527334c8
 import math, os, textwrap
@@ -20,7 +20,7 @@ from PIL import Image
 from .config import fmt_lr
 from .data import load_split, from_model_space
 from .metrics import nearest_neighbors
-from .analysis import AXES, MEM_METRICS, ScalingFit, normalized_step, scaling_fit, mem_label
+from .analysis import AXES, MEM_METRICS, ScalingFit, main_runs, metric_level, normalized_step, scaling_fit, mem_label
 from .data import model_image_shape
 from .rundir import RunDir, image_grid
 
@@ -216,4 +216,54 @@ def scaling_plot(summary:pd.DataFrame, # One row per run (`summarize`)
     ax.plot(xs, gy * xs / gx, ':', c='0.4', label=f'{y} ∝ {x}')
     ax.set_xscale('log'); ax.set_yscale('log'); ax.set_xlabel(x); ax.set_ylabel(y); ax.legend(fontsize=8)
     ax.set_title(f'R² = {fit.r2_log:.3f}, n = {fit.n}' + (f' ({left} runs without {y})' if left else ''), fontsize=9)
+    return fig
+
+# %% ../nbs/07_plots.ipynb #a65fefb0
+def before_figure(df:pd.DataFrame, # Tidy table of a sweep
+                  tables:dict, # Its `before_tables`
+                  axis:str|None='N', # The normalized-step factor of the sweep
+                  hue:str='N', # The swept column
+                 ) -> plt.Figure:
+    "The four measures against the normalized step: agreement of paired runs, distance to D* by level, τ_mem by level, Halder's relative distance; τ_mem's range shaded."
+    x = 'normalized step' if axis else 'step'
+    d = df[df.metric.isin(['agree_cos', 'rel_dist']) | df.metric.str.startswith('emp_denoiser/')]  # what is drawn as curves
+    d = normalized_step(d, axis) if axis else d
+    vals = sorted(d[hue].unique()); pal = dict(zip(vals, sns.color_palette('viridis', len(vals))))
+    fig, axs = plt.subplots(2, 2, figsize=(11, 7.5), layout='constrained')
+    taus = pd.concat([t[['run_dir', 'N', 'B', 'lr', 'tau', 'tau_lo', 'tau_hi']] for t in (tables['denoiser'], tables['halder'], tables['agreement']) if len(t)]).drop_duplicates('run_dir') if any(len(tables[k]) for k in ('denoiser', 'halder', 'agreement')) else pd.DataFrame()
+    def shade(ax):
+        if taus.empty or taus.tau.isna().all(): return
+        nt = normalized_step(taus.dropna(subset=['tau']), axis, 'tau', 'n') if axis else taus.assign(n=taus.tau)
+        ax.axvspan(nt.n.min(), nt.n.max(), color='0.85', zorder=0, label='τ_mem of the runs')
+    def lines(ax, m, split='', title='', ylabel=''):
+        src = d if m.startswith('agree_') else main_runs(d)  # partner runs serve the agreement only
+        sub = src[(src.metric == m) & (src.split == split)]
+        for (v, rd), g in sub.groupby([hue, 'run_dir']):
+            g = g.sort_values(x); ax.plot(g[x], g.value, color=pal[v], lw=1.2, alpha=0.9)
+        ax.set(title=title, ylabel=ylabel, xlabel=x, xscale='log')
+        if len(sub): log_ticks(ax); shade(ax)
+        else: ax.set(xticks=[], yticks=[]); ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes, color='0.4')
+    lines(axs[0, 0], 'agree_cos', title='(a) Agreement of paired runs', ylabel='mean cosine of paired samples')
+    ax = axs[0, 1]; em = main_runs(d); em = em[em.metric.str.startswith('emp_denoiser/') & (em.split == 'train')]
+    if len(em):
+        lv = sorted({metric_level(m, 'emp_denoiser') for m in em.metric.unique()}); lp = dict(zip(lv, sns.color_palette('rocket_r', len(lv))))
+        e = em.assign(level=em.metric.map(lambda m: metric_level(m, 'emp_denoiser')))
+        for (l, v), g in e.groupby(['level', hue]):
+            gm = g.groupby(x).value.median()  # the median over the seeds of one swept value
+            ax.plot(gm.index, gm.values, color=lp[l], lw=1, label=f't = {l:g}' if v == vals[0] else None)
+        ax.legend(fontsize=8, title='noise level', title_fontsize=8); ax.set_yscale('log')
+    ax.set(title='(b) Distance to D* on noised training images', ylabel='mean squared distance per pixel\n(median over seeds)', xlabel=x, xscale='log')
+    if len(em): log_ticks(ax)
+    shade(ax)
+    ax = axs[1, 0]; lt = tables['levels']
+    if len(lt) and lt.tau_mem.notna().any():
+        ln = normalized_step(lt.dropna(subset=['tau_mem']), axis, 'tau_mem', 'n') if axis else lt.dropna(subset=['tau_mem']).assign(n=lambda t: t.tau_mem)
+        for v, g in ln.groupby(hue): ax.scatter(g.level, g.n, color=pal.get(v, 'k'), s=18)
+        med = ln.groupby('level').n.median(); ax.plot(med.index, med.values, 'k-', lw=1, label='median')
+        ax.set_yscale('log'); log_ticks(ax, 'y'); ax.legend(fontsize=8)
+    else: ax.text(0.5, 0.5, 'no onset at any level', ha='center', va='center', transform=ax.transAxes, color='0.4')
+    ax.set(title='(c) τ_mem by noise level', xlabel='noise level t', ylabel=f'τ_mem ({x})')
+    lines(axs[1, 1], 'rel_dist', title="(d) Halder's relative distance of the samples", ylabel='rel = Δ / e_OG (< 0: memorizing)')
+    axs[1, 1].axhline(0, color='k', lw=0.8, ls='--')
+    fig.legend([plt.Line2D([], [], color=pal[v]) for v in vals], [value_label(hue, v) for v in vals], title=hue, loc='outside right upper', frameon=False)
     return fig
