@@ -504,7 +504,7 @@ def paired_runs(run_dirs, # Run directories (e.g. of one sweep)
 def pair_agreement(first, # Run directory of the first run of a pair
                    partner, # Run directory of its partner (same evaluation noise)
                   ) -> pd.DataFrame:
-    "Agreement of two runs at every step both saved a sample grid: mean cosine similarity and RMS pixel distance (model space), image pair by image pair."
+    "Agreement of two runs at every step both saved a sample grid: mean cosine similarity and RMS pixel distance (intensities in [0, 1]), image pair by image pair."
     from dmstudy.probes import sample_agreement
     ra, rb = RunDir(first), RunDir(partner)
     shape = model_image_shape(ra.read_config())

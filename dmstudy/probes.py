@@ -196,10 +196,10 @@ def rel_dist_metrics(samples:torch.Tensor, # The evaluation's generated samples 
 def sample_agreement(a:torch.Tensor, # Samples of the first model [n, C, H, W] (model space or uint8)
                      b:torch.Tensor, # Samples of the second model from the same noise, row for row
                     ) -> dict: # `cos`, `l2` (means over pairs) and `n`
-    "Agreement of paired samples: the mean cosine similarity and the mean root-mean-square pixel distance of row i of `a` and of `b`."
+    "Agreement of paired samples as intensities in [0, 1]: the mean cosine similarity and the mean root-mean-square pixel distance of row i of `a` and of `b`."
     if tuple(a.shape) != tuple(b.shape): raise ValueError(f"Paired samples must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
     if len(a) == 0: raise ValueError("No paired samples; pass at least one pair.")
-    A, B = as_rows(a, torch.float64), as_rows(b, torch.float64)
+    A, B = ((as_rows(x, torch.float64) + 1) / 2 for x in (a, b))  # model space [-1, 1] to intensities [0, 1]
     cos = (A * B).sum(1) / (A.square().sum(1) * B.square().sum(1)).sqrt()
     return dict(cos=cos.mean().item(), l2=(A - B).square().mean(1).sqrt().mean().item(), n=len(A))
 
