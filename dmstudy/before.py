@@ -18,8 +18,7 @@ from typing import NamedTuple
 import numpy as np, pandas as pd
 from scipy import stats
 from .analysis import Onset, as_run, main_runs, metric_level, normalized_step, robust_sigma, running_median, series, tau_mem, tau_mem_by_level
-from .claims import fmt_num
-from .metrics import wilson_interval
+from .claims import fmt_num, share_ci
 
 # %% ../nbs/11b_before.ipynb #5ec43e59
 class Finding(NamedTuple):
@@ -229,12 +228,6 @@ def denoiser_table(df:pd.DataFrame, # Tidy table of a sweep with `emp_denoiser/<
     return pd.DataFrame(rows, columns=cols)
 
 # %% ../nbs/11b_before.ipynb #0e0cab1e
-def _share(k:int, n:int) -> tuple:
-    "k/n with its Wilson 95% interval (NaN when n is 0)."
-    if n == 0: return math.nan, math.nan, math.nan
-    lo, hi = wilson_interval(k, n)
-    return k / n, float(lo), float(hi)
-
 def _no_denoiser_verdict(tab:pd.DataFrame, label:str, st:str) -> Finding|None:
     "The undecided finding when a `denoiser_table` cannot judge a statement (no distance measured, no run reaching τ_mem), else `None`."
     if tab.empty: return Finding(label, st, 'undecided', 'the runs did not measure the distance to the empirical denoiser (metric emp_denoiser).')
@@ -248,8 +241,8 @@ def check_denoiser(tab:pd.DataFrame, # `denoiser_table` of a sweep
     r = tab[tab.tau.notna()]
     p = r[r.pre_slope.notna()]
     if p.empty: return Finding('(b)', st, 'undecided', 'τ_mem comes before the third evaluation in every run: too few evaluations before it to tell whether the distance already falls.')
-    k = int(p.falls_before.sum()); e, lo, hi = _share(k, len(p))
-    at = r[r.onset.notna()]; ka = int((at.position == 'at').sum()); ea, la, ha = _share(ka, len(at))
+    k = int(p.falls_before.sum()); e, lo, hi = share_ci(k, len(p))
+    at = r[r.onset.notna()]; ka = int((at.position == 'at').sum()); ea, la, ha = share_ci(ka, len(at))
     v = 'contradicted' if lo > 0.5 else 'supported' if hi < 0.5 and la > 0.5 else 'undecided'
     per = [f"t = {l:g}: {int(g.falls_before.sum())} of {len(g)}, slope {g.pre_slope.median():+.2f}" for l, g in p.groupby('level')]
     ev = (f"over the last evaluations before τ_mem the distance already falls (slope of its log per decade of steps, 95% interval below −0.2) at {k} of {len(p)} "
@@ -266,7 +259,7 @@ def check_renewed(tab:pd.DataFrame, # `denoiser_table` of a sweep
     r = tab[tab.tau.notna()]
     d = r[r.onset.notna()]
     if d.empty: return Finding("(b′)", st, 'undecided', f"the distance does not fall again after a pause at any level of the {r.run_dir.nunique()} runs that reached τ_mem.")
-    k = int((d.position == 'at').sum()); e, lo, hi = _share(k, len(d))
+    k = int((d.position == 'at').sum()); e, lo, hi = share_ci(k, len(d))
     v = 'supported' if lo > 0.5 else 'contradicted' if hi < 0.5 else 'undecided'
     rows = []
     for l, g in d.groupby('level'):

@@ -9,7 +9,7 @@ Docs: https://dmstudy.github.io/dmstudy/claims.html.md"""
 __all__ = ['CLAIMS', 'STUDIES', 'METRIC_SPACES', 'SEED_QUANTITIES', 'VERDICTS', 'HALDER', 'COST_COLUMNS', 'GRID_NAMES',
            'SWEEP_PAGES', 'find_root', 'results_dir', 'results_path', 'load_study', 'load_splits', 'sample_dirs',
            'copy_samples', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric', 'fidelity_metrics',
-           'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table', 'Verdict',
+           'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table', 'Verdict', 'share_ci',
            'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap', 'check_double_descent',
            'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory', 'check_levels',
            'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table', 'check_transition',
@@ -283,14 +283,23 @@ class Verdict(NamedTuple):
     evidence:str
     interval:str='' # The statement's estimate with its 95% interval, in a few words (for tables)
 
+def share_ci(k:int, # Cases for which a statement holds
+             n:int, # Cases judged
+             level:float=0.95, # Confidence level
+            ) -> tuple:
+    "The share k/n with its exact (Clopper–Pearson) interval: (share, lo, hi), NaN when n is 0."
+    if n == 0: return math.nan, math.nan, math.nan
+    ci = stats.binomtest(k, n).proportion_ci(level)
+    return k / n, float(ci.low), float(ci.high)
+
 def share_interval(k:int, # Runs for which a statement holds
                    n:int, # Runs judged
                    level:float=0.95, # Confidence level
                   ) -> str:
-    "`k of n runs` with the exact (Clopper–Pearson) interval of the share."
+    "`k of n runs` with the exact interval of the share (`share_ci`)."
     if n == 0: return 'no runs'
-    ci = stats.binomtest(k, n).proportion_ci(level)
-    return f"{k} of {n} run{'s' if n != 1 else ''}; share {k / n:.2f}, {level:.0%} CI [{ci.low:.2f}, {ci.high:.2f}]"
+    e, lo, hi = share_ci(k, n, level)
+    return f"{k} of {n} run{'s' if n != 1 else ''}; share {e:.2f}, {level:.0%} CI [{lo:.2f}, {hi:.2f}]"
 
 def _name(row) -> str: return Path(str(row.run_dir)).name  # a run's directory name: unique in its sweep (cell ids need not be)
 

@@ -7,8 +7,8 @@ Docs: https://dmstudy.github.io/dmstudy/diffusion.html.md"""
 
 # %% auto #0
 __all__ = ['RF_SAMPLE_STEPS', 'DDIM_SAMPLE_STEPS', 'SAMPLE_METRICS', 'guided', 'Objective', 'DDPM', 'RectifiedFlow',
-           'sampling_steps', 'make_objective', 'eval_counts', 'eval_cost', 'EmpiricalDenoiser', 'prepare_model',
-           'autocast']
+           'sampling_steps', 'make_objective', 'split_sizes', 'eval_counts', 'eval_cost', 'EmpiricalDenoiser',
+           'prepare_model', 'autocast']
 
 # %% ../nbs/03_diffusion.ipynb #87652bcd
 import contextlib, math, time
@@ -199,15 +199,20 @@ def make_objective(cfg:RunConfig) -> Objective:
 # %% ../nbs/03_diffusion.ipynb #b169e67c
 SAMPLE_METRICS = ('mem_frac', 'nn_dist', 'copy_score', 'sw', 'sw_pixel', 'fid', 'kid') # the metrics computed on generated samples
 
+def split_sizes(sizes, # A `Split`, or (N, evaluation split size)
+               ) -> tuple:
+    "(N, evaluation split size) of a `Split` or a pair of numbers."
+    if hasattr(sizes, 'eval_images'): return sizes.n_train, len(sizes.eval_images)
+    try: n_train, n_test = map(int, sizes)
+    except (TypeError, ValueError): raise TypeError(f"sizes must be a Split or (N, evaluation split size), got {sizes!r}.") from None
+    return n_train, n_test
+
 def eval_counts(cfg:RunConfig, # The run's config: its metrics and sample counts
                 sizes=None, # A `Split`, or (N, evaluation split size); `None`: (`cfg.n_train`, `cfg.n_eval`)
                 grid:bool=False) -> dict: # Also draw the `cfg.sample_grid` samples of the saved grid (as training does)
     "How many images each metric of one evaluation uses (the metrics row's `n/`, `n_gen/`, `n_ref/` keys), and `generate`, the samples to draw."
     if sizes is None: sizes = (cfg.n_train, cfg.n_eval)
-    if hasattr(sizes, 'eval_images'): n_train, n_test = sizes.n_train, len(sizes.eval_images)
-    else:
-        try: n_train, n_test = map(int, sizes)
-        except (TypeError, ValueError): raise TypeError(f"sizes must be a Split or (N, evaluation split size), got {sizes!r}.") from None
+    n_train, n_test = split_sizes(sizes)
     ms, out = set(cfg.metrics), {}
     ref = dict(train=n_train, test=n_test)
     if ms & {'loss', 'loss_t'}:

@@ -20,7 +20,7 @@ from .config import (RunConfig, cell_id, make_generators, generator_states, set_
 from .rundir import RunDir, DiskFull, eval_schedule, metrics_at, stopped_status
 from .data import Split, load_split, to_model_space, from_model_space
 from .unet import build_unet, count_params
-from .diffusion import make_objective, prepare_model, autocast, eval_counts
+from .diffusion import make_objective, prepare_model, autocast, eval_counts, split_sizes
 from .metrics import evaluate
 
 # %% ../nbs/05_train.ipynb #a7c3e5b1
@@ -128,7 +128,7 @@ def eval_nfe(cfg:RunConfig, # The run's config
     bs, ms, n = cfg.eval_batch_size, set(cfg.metrics), eval_counts(cfg, sizes, grid=True)
     per = ('loss' in ms) + ('loss_t' in ms) * len(cfg.loss_levels)
     out = per * (math.ceil(n['n/loss/train'] / bs) + math.ceil(n['n/loss/test'] / bs)) if per else 0
-    if 'emp_denoiser' in ms: out += len(cfg.loss_levels) * 2 * math.ceil(emp_denoiser_n(cfg, len(sizes.eval_images) if hasattr(sizes, 'eval_images') else int(sizes[1])) / bs)  # train and test images
+    if 'emp_denoiser' in ms: out += len(cfg.loss_levels) * 2 * math.ceil(emp_denoiser_n(cfg, split_sizes(sizes)[1]) / bs)  # train and test images
     return out + math.ceil(n['generate'] / bs) * (cfg.sample_steps or objective.steps)
 
 # %% ../nbs/05_train.ipynb #0cfaaf1b
