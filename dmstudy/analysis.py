@@ -504,7 +504,7 @@ def paired_runs(run_dirs, # Run directories (e.g. of one sweep)
 def pair_agreement(first, # Run directory of the first run of a pair
                    partner, # Run directory of its partner (same evaluation noise)
                   ) -> pd.DataFrame:
-    "Agreement of two runs at every step both saved a sample grid: mean cosine similarity and RMS pixel distance (intensities in [0, 1]), image pair by image pair."
+    "Agreement of two runs at every step both saved a sample grid: mean cosine similarity and RMS pixel distance (intensities in [0, 1]) of the same-noise pairs, and of the unpaired baseline (row i against the partner's row i + 1)."
     from dmstudy.probes import sample_agreement
     ra, rb = RunDir(first), RunDir(partner)
     shape = model_image_shape(ra.read_config())
@@ -513,19 +513,20 @@ def pair_agreement(first, # Run directory of the first run of a pair
     for s in sorted(set(ra.sample_steps()) & set(rb.sample_steps())):
         a, b = (torch.from_numpy(r.read_samples(s, shape[1])[..., :shape[0]]).permute(0, 3, 1, 2) for r in (ra, rb))
         n = min(len(a), len(b)); g = sample_agreement(a[:n], b[:n])
-        rows.append(dict(step=s, agree_cos=g['cos'], agree_l2=g['l2'], n=g['n']))
-    return pd.DataFrame(rows, columns=['step', 'agree_cos', 'agree_l2', 'n'])
+        u = sample_agreement(a[:n], b[:n].roll(-1, 0)) if n > 1 else dict(cos=math.nan, l2=math.nan)  # different noise: row i against row i + 1
+        rows.append(dict(step=s, agree_cos=g['cos'], agree_l2=g['l2'], base_cos=u['cos'], base_l2=u['l2'], n=g['n']))
+    return pd.DataFrame(rows, columns=['step', 'agree_cos', 'agree_l2', 'base_cos', 'base_l2', 'n'])
 
 # %% ../nbs/06_analysis.ipynb #4bee86e2
 def agreement_rows(df:pd.DataFrame, # Tidy table of a sweep (`load_runs`)
                   ) -> pd.DataFrame:
-    "Tidy rows `agree_cos` and `agree_l2` of every paired run, filed under the partner's run columns (empty when the sweep has no pairs)."
+    "Tidy rows `agree_cos` and `agree_l2` of every paired run, filed under the partner's run columns: split `''` the same-noise pairs, `unpaired` the baseline (empty when the sweep has no pairs)."
     runs = df.drop_duplicates('run_dir').set_index('run_dir')
     out = []
     for a, b in paired_runs(runs.index):
         g = pair_agreement(a, b); info = runs.loc[str(b), [c for c in RUN_COLUMNS if c != 'run_dir']]
-        for m in ('agree_cos', 'agree_l2'):
-            out.append(pd.DataFrame({'run_dir': str(b), **info.to_dict(), 'step': g.step, 'images_seen': g.step * int(info.B), 'metric': m, 'split': '', 'value': g[m]}))
+        for m, sp, col in (('agree_cos', '', 'agree_cos'), ('agree_l2', '', 'agree_l2'), ('agree_cos', 'unpaired', 'base_cos'), ('agree_l2', 'unpaired', 'base_l2')):
+            out.append(pd.DataFrame({'run_dir': str(b), **info.to_dict(), 'step': g.step, 'images_seen': g.step * int(info.B), 'metric': m, 'split': sp, 'value': g[col]}))
     if not out: return pd.DataFrame(columns=TIDY_COLUMNS)
     return pd.concat(out, ignore_index=True)[TIDY_COLUMNS].astype(df[TIDY_COLUMNS].dtypes.to_dict())
 

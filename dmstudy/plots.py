@@ -235,15 +235,16 @@ def before_figure(df:pd.DataFrame, # Tidy table of a sweep
         if taus.empty or taus.tau.isna().all(): return
         nt = normalized_step(taus.dropna(subset=['tau']), axis, 'tau', 'n') if axis else taus.assign(n=taus.tau)
         ax.axvspan(nt.n.min(), nt.n.max(), color='0.85', zorder=0, label='τ_mem of the runs')
-    def lines(ax, m, split='', title='', ylabel=''):
+    def lines(ax, m, split='', title='', ylabel='', ls='-'):
         src = d if m.startswith('agree_') else main_runs(d)  # partner runs serve the agreement only
         sub = src[(src.metric == m) & (src.split == split)]
         for (v, rd), g in sub.groupby([hue, 'run_dir']):
-            g = g.sort_values(x); ax.plot(g[x], g.value, color=pal[v], lw=1.2, alpha=0.9)
+            g = g.sort_values(x); ax.plot(g[x], g.value, color=pal[v], lw=1.2, alpha=0.9, ls=ls)
         ax.set(title=title, ylabel=ylabel, xlabel=x, xscale='log')
         if len(sub): log_ticks(ax); shade(ax)
         else: ax.set(xticks=[], yticks=[]); ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes, color='0.4')
-    lines(axs[0, 0], 'agree_cos', title='(a) Agreement of paired runs', ylabel='mean cosine of paired samples')
+    if ((d.metric == 'agree_cos') & (d.split == 'unpaired')).any(): lines(axs[0, 0], 'agree_cos', 'unpaired', ls='--')  # the baseline: different noise
+    lines(axs[0, 0], 'agree_cos', title='(a) Agreement of paired runs (dashed: unpaired)', ylabel='mean cosine of paired samples')
     ax = axs[0, 1]; em = main_runs(d); em = em[em.metric.str.startswith('emp_denoiser/') & (em.split == 'train')]
     if len(em):
         lv = sorted({metric_level(m, 'emp_denoiser') for m in em.metric.unique()}); lp = dict(zip(lv, sns.color_palette('rocket_r', len(lv))))
