@@ -491,6 +491,7 @@ def verdicts(df:pd.DataFrame, # Tidy table of one sweep
         elif c == 3: out += [spaced(check_double_descent(df, sm, m), m) for m in both]
         elif c == 4:
             out += [check_scaling(sm, 'N', 1, 4, 'τ_mem ∝ N (curves collapse on the N-normalized step)'),
+                    check_scaling(sm, 'N', 1, 4, "the memorization score's onset ∝ N (its curves collapse on the N-normalized step)", 'mem_onset'),
                     check_trend(sm, 'N', 'mem_rate', -1, 4, 'larger N lowers the memorization rate'),
                     check_trend(sm, 'N', bf, -1, 4, f'larger N improves best fidelity ({fl})')]
         elif c == 5:
@@ -498,6 +499,7 @@ def verdicts(df:pd.DataFrame, # Tidy table of one sweep
                     check_trend(sm, 'params', bf, -1, 5, f'larger models reach better best fidelity ({fl})')]
         elif c == 6:
             out += [check_scaling(sm, 'B', -1, 6, 'τ_mem ∝ 1/B in raw steps (curves collapse)'),
+                    check_scaling(sm, 'B', -1, 6, "the memorization score's onset ∝ 1/B in raw steps", 'mem_onset'),
                     check_unchanged(sm, 'mem_rate', 6, 'the memorization rate does not depend on B'),
                     check_trend(sm, 'B', bf, 1, 6, f'smaller B gives better best fidelity ({fl})')]
         elif c == 7:

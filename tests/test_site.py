@@ -192,7 +192,7 @@ def test_pages_explain_themselves(site):
     assert 'Definitions' in text['report/demo.html'] and 'normalized step' in text['report/definitions.html']
     for col in ('boot_crossing', 'n_star_logit', 'bracketed'): assert col not in text['report/theory.html'], col
     before = text['report/before_tau.html']  # the verdicts, or the note that the sweep is not collected yet
-    assert 'No results yet' in before or 'of 5 statements' in before, before[:500]
+    assert 'No results yet' in before or 'of 6 statements' in before, before[:500]  # (a), (a′), (b), (b′), (c), (d)
     for col in ('pre_slope', 'falls_before', 'first_run', 'ratio_lo'): assert col not in before, col
     assert 'not measured' not in text['index.html']
 
