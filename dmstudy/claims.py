@@ -365,7 +365,9 @@ def check_double_descent(df:pd.DataFrame, sm:pd.DataFrame, metric:str|None=None)
 def check_scaling(sm:pd.DataFrame, x:str, expected:float, claim:int, statement:str, y:str='tau_mem') -> Verdict:
     "A power law y ∝ x**expected: does the 95% interval of the fitted exponent hold `expected`?"
     try: f = scaling_fit(sm, x, y)
-    except ValueError as e: return Verdict(claim, statement, 'undecided', f"{e} ({len(_reached(sm))} of {len(sm)} runs reached τ_mem).")
+    except ValueError as e:
+        have = f"{len(_reached(sm))} of {len(sm)} runs reached τ_mem" if y == 'tau_mem' else f"{int(sm[y].notna().sum()) if y in sm else 0} of {len(sm)} runs have {y}"
+        return Verdict(claim, statement, 'undecided', f"{e} ({have}).")
     lo, hi = f.exponent_ci
     v = 'supported' if lo - 1e-9 <= expected <= hi + 1e-9 else 'contradicted'
     return Verdict(claim, statement, v, f"log-log fit over {f.n} runs: exponent {f.exponent:.2f}, 95% CI [{lo:.2f}, {hi:.2f}] "
