@@ -480,15 +480,18 @@ def split_distances(cfg:RunConfig, # The config of a run (its data, metrics and 
 
 def split_table(cfgs, # RunConfigs of a sweep's runs
                ) -> pd.DataFrame:
-    "`split_distances` once per distinct training subset of a sweep: one row per (N, metric) with the counts."
-    rows, seen = [], set()
-    for c in cfgs:
-        key = (c.dataset, c.data_root, c.data_path, c.n_train, c.subset, c.n_eval, c.image_size, c.resize, c.channels, c.n_sw, c.metrics)  # what the distances depend on
-        if key in seen: continue
-        seen.add(key); d = split_distances(c)
+    "`split_distances` once per distinct training subset of a sweep, in every fidelity metric any of its runs measures: one row per (N, subset_offset, metric) with the counts."
+    subsets = {}
+    for c in cfgs:  # what the distances depend on; the first run of a subset sets the seed of the projections
+        key = (c.dataset, c.data_root, c.data_path, c.n_train, c.subset, c.subset_offset, c.n_eval, c.image_size, c.resize, c.channels, c.n_sw)
+        first, ms = subsets.get(key, (c, ()))
+        subsets[key] = (first, tuple(dict.fromkeys(ms + tuple(c.metrics))))
+    rows = []
+    for c, ms in subsets.values():
+        d = split_distances(c.with_updates(metrics=ms))
         for m in FIDELITY_METRICS:
-            if m in d: rows.append(dict(N=c.n_train, metric=m, value=d[m], n_train=d['n_train'] if m in ('fid', 'kid') else d['n_sw'], n_test=d['n_test']))
-    return pd.DataFrame(rows, columns=['N', 'metric', 'value', 'n_train', 'n_test'])
+            if m in d: rows.append(dict(N=c.n_train, subset_offset=c.subset_offset, metric=m, value=d[m], n_train=d['n_train'] if m in ('fid', 'kid') else d['n_sw'], n_test=d['n_test']))
+    return pd.DataFrame(rows, columns=['N', 'subset_offset', 'metric', 'value', 'n_train', 'n_test'])
 
 # %% ../nbs/06_analysis.ipynb #1420b36d
 def paired_runs(run_dirs, # Run directories (e.g. of one sweep)

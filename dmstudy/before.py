@@ -312,7 +312,8 @@ def level_table(df:pd.DataFrame, # Tidy table of a sweep with per-level losses `
 # %% ../nbs/11b_before.ipynb #1a3a456a
 def _tau_b(x:np.ndarray, Y:np.ndarray) -> np.ndarray:
     "Kendall's tau-b of `x` [n] with each row of `Y` [k, n] (ties allowed; NaN where a row is all ties)."
-    dx = np.sign(x[:, None] - x[None])[None]; dy = np.sign(Y[:, :, None] - Y[:, None])
+    cmp = lambda a, b: (a > b).astype(int) - (a < b)  # the sign of a - b, with inf against inf a tie (no onset at either level)
+    dx = cmp(x[:, None], x[None])[None]; dy = cmp(Y[:, :, None], Y[:, None])
     iu = np.triu_indices(len(x), 1); dx, dy = dx[:, iu[0], iu[1]], dy[:, iu[0], iu[1]]
     den = np.sqrt((dx != 0).sum(1) * (dy != 0).sum(1))
     with np.errstate(invalid='ignore', divide='ignore'): return np.where(den > 0, (dx * dy).sum(1) / den, np.nan)

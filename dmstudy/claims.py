@@ -7,15 +7,15 @@ Docs: https://dmstudy.github.io/dmstudy/claims.html.md"""
 
 # %% auto #0
 __all__ = ['CLAIMS', 'STUDIES', 'METRIC_SPACES', 'SEED_QUANTITIES', 'VERDICTS', 'HALDER', 'COST_COLUMNS', 'GRID_NAMES',
-           'SWEEP_PAGES', 'find_root', 'results_dir', 'results_path', 'load_study', 'load_splits', 'sample_dirs',
-           'copy_samples', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric', 'fidelity_metrics',
-           'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table', 'Verdict', 'share_ci',
-           'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap', 'check_double_descent',
-           'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory', 'check_levels',
-           'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table', 'check_transition',
-           'transition_table', 'paper_values_path', 'paper_values', 'paper_measure', 'paper_table', 'cost_table',
-           'sweep_commands', 'show_sweep', 'study_page', 'sweep_verdicts', 'show_paper_scale', 'show_cpu_scale',
-           'claims_table']
+           'SWEEP_PAGES', 'find_root', 'results_dir', 'results_path', 'load_study', 'load_splits', 'split_rows',
+           'sample_dirs', 'copy_samples', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric',
+           'fidelity_metrics', 'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table',
+           'Verdict', 'share_ci', 'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap',
+           'check_double_descent', 'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory',
+           'check_levels', 'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table',
+           'check_transition', 'transition_table', 'paper_values_path', 'paper_values', 'paper_measure', 'paper_table',
+           'cost_table', 'sweep_commands', 'show_sweep', 'study_page', 'sweep_verdicts', 'show_paper_scale',
+           'show_cpu_scale', 'claims_table']
 
 # %% ../nbs/11_claims.ipynb #b7e7b5e6
 import math, os, shutil
@@ -68,7 +68,18 @@ def load_splits(sweep:str, # The sweep's name
                ) -> pd.DataFrame|None:
     "The distances between a sweep's training subsets and its evaluation set (`<sweep>_splits.csv`, written by `collect`), or `None`."
     p = results_dir(root, local)/f'{sweep}_splits.csv'
-    return pd.read_csv(p) if p.exists() else None
+    if not p.exists(): return None
+    out = pd.read_csv(p)
+    if 'subset_offset' not in out: out.insert(1, 'subset_offset', 0)  # written before partner runs: every subset starts at 0
+    return out
+
+def split_rows(splits:pd.DataFrame, # `load_splits` of a sweep
+               run, # A row of its summary (reads `N` and `subset_offset`)
+              ) -> pd.DataFrame:
+    "The distances between one run's own training subset and the evaluation set."
+    off = run.get('subset_offset', 0); off = 0 if pd.isna(off) else int(off)
+    same = splits.subset_offset == off if 'subset_offset' in splits else off == 0  # a table without the column: subsets from image 0
+    return splits[(splits.N == run['N']) & same]
 
 # %% ../nbs/11_claims.ipynb #a8d5de7c
 def sample_dirs(sweep:str, # The sweep's name
@@ -445,8 +456,8 @@ def check_references(splits:pd.DataFrame|None, sm:pd.DataFrame, metric:str|None=
     metric = metric or fidelity_metric(sm)
     st = 'the train and test references are closer to each other than the best samples are to the test split'
     if splits is None or splits.empty: return Verdict(10, st, 'undecided', 'no distances between the references; `dmstudy collect` computes them.')
-    s = splits[splits.metric == metric].groupby('N').value.first() if metric else pd.Series(dtype=float)
-    rows = [(_name(r), s.get(r.N, math.nan), r.get(f'best_{metric}', math.nan)) for _, r in sm.iterrows()] if len(s) else []
+    def ref(r): s = split_rows(splits, r); v = s.value[s.metric == metric]; return float(v.iloc[0]) if len(v) else math.nan
+    rows = [(_name(r), ref(r), r.get(f'best_{metric}', math.nan)) for _, r in sm.iterrows()] if metric else []
     rows = [(c, a, b) for c, a, b in rows if math.isfinite(a) and math.isfinite(b)]
     if not rows: return Verdict(10, st, 'undecided', f'no reference distance in {metric} for the runs\' training subsets.')
     k, n = sum(a < b for _, a, b in rows), len(rows)
@@ -464,7 +475,7 @@ def reference_table(splits:pd.DataFrame, # `load_splits` of a sweep
     rows = []
     for _, r in sm.sort_values([hue, 'seed']).iterrows():
         g = df[df.run_dir == r.run_dir]
-        for _, s in splits[splits.N == r.N].iterrows():
+        for _, s in split_rows(splits, r).iterrows():
             m = s.metric
             if not ((g.metric == m) & (g.split == 'test')).any(): continue
             fin = {sp: fmt_num(series(g, m, sp).iloc[-1]) if ((g.metric == m) & (g.split == sp)).any() else '–' for sp in ('train', 'test')}
