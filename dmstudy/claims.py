@@ -9,13 +9,13 @@ Docs: https://dmstudy.github.io/dmstudy/claims.html.md"""
 __all__ = ['CLAIMS', 'STUDIES', 'METRIC_SPACES', 'SEED_QUANTITIES', 'VERDICTS', 'HALDER', 'COST_COLUMNS', 'GRID_NAMES',
            'SWEEP_PAGES', 'find_root', 'results_dir', 'results_path', 'load_study', 'load_splits', 'split_rows',
            'sample_dirs', 'copy_samples', 'missing_note', 'claims_markdown', 'study_summary', 'fidelity_metric',
-           'fidelity_metrics', 'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table', 'seed_table',
-           'Verdict', 'share_ci', 'share_interval', 'check_divergence', 'fidelity_gap', 'check_fidelity_gap',
-           'check_double_descent', 'check_scaling', 'trend_slope', 'check_trend', 'check_unchanged', 'check_trajectory',
-           'check_levels', 'check_references', 'reference_table', 'verdicts', 'verdict_markdown', 'compare_table',
-           'check_transition', 'transition_table', 'paper_values_path', 'paper_values', 'paper_measure', 'paper_table',
-           'cost_table', 'sweep_commands', 'show_sweep', 'study_page', 'sweep_verdicts', 'show_paper_scale',
-           'show_cpu_scale', 'claims_table']
+           'fidelity_metrics', 'trend_metrics', 'metric_label', 'fmt_num', 't_interval', 'derived_table', 'tau_table',
+           'seed_table', 'Verdict', 'share_ci', 'share_interval', 'check_divergence', 'fidelity_gap',
+           'check_fidelity_gap', 'check_double_descent', 'check_scaling', 'trend_slope', 'check_trend',
+           'check_unchanged', 'check_trajectory', 'check_levels', 'check_references', 'reference_table', 'verdicts',
+           'verdict_markdown', 'compare_table', 'check_transition', 'transition_table', 'paper_values_path',
+           'paper_values', 'paper_measure', 'paper_table', 'cost_table', 'sweep_commands', 'show_sweep', 'study_page',
+           'sweep_verdicts', 'show_paper_scale', 'show_cpu_scale', 'claims_table']
 
 # %% ../nbs/11_claims.ipynb #b7e7b5e6
 import math, os, shutil
@@ -157,10 +157,11 @@ def claims_markdown(claims, # Claim numbers (keys of `CLAIMS`)
 def study_summary(df:pd.DataFrame, # Tidy table of one sweep
                   axis:str|None=None, # The normalized-step factor (`N`, `B`, `lr`) or `None`
                  ) -> pd.DataFrame:
-    "One row per run: `summarize(df)` with `tau_mem_norm` (τ_mem on the sweep's normalized step)."
+    "One row per run: `summarize(df)` with `tau_mem_norm` and `mem_onset_norm` (τ_mem and the memorization score's onset on the sweep's normalized step)."
     sm = summarize(df)
-    for c in ('tau_mem', 'tau_mem_lo', 'tau_mem_hi'):
-        sm = normalized_step(sm, axis, col=c, out=c.replace('tau_mem', 'tau_mem_norm'))
+    for q in ('tau_mem', 'mem_onset'):
+        for c in (q, f'{q}_lo', f'{q}_hi'):
+            if c in sm: sm = normalized_step(sm, axis, col=c, out=c.replace(q, f'{q}_norm'))
     return sm
 
 # %% ../nbs/11_claims.ipynb #444d62fd
@@ -177,6 +178,13 @@ def fidelity_metrics(sm:pd.DataFrame, # `study_summary` of one sweep
     "The fidelity metrics claims 2 and 3 are judged in: those measured in Inception space (the paper's), else `fidelity_metric`'s."
     inc = [m for m in ('sw', 'fid') if f'best_{m}' in sm and sm[f'best_{m}'].notna().any()]
     return inc or [m for m in [fidelity_metric(sm)] if m]
+
+def trend_metrics(sm:pd.DataFrame, # `study_summary` of one sweep
+                 ) -> list:
+    "The fidelity metrics the best-fidelity trends of claims 4–7 are judged in: `fidelity_metric`'s, and pixel SW too when it covers more runs."
+    fm = fidelity_metric(sm)
+    n = lambda m: int(sm[f'best_{m}'].notna().sum()) if f'best_{m}' in sm else 0
+    return [m for m in [fm] if m] + (['sw_pixel'] if fm not in (None, 'sw_pixel') and n('sw_pixel') > n(fm) else [])
 
 def metric_label(m:str, # A fidelity metric
                  sm:pd.DataFrame|None=None, # A summary: say in how many of its runs it was measured
@@ -493,10 +501,11 @@ def verdicts(df:pd.DataFrame, # Tidy table of one sweep
              fidelity:list|None=None, # The metrics claims 2 and 3 are judged in (one statement each); `None`: `fidelity_metrics(sm)`
             ) -> pd.DataFrame:
     "The verdict of the data on every statement of the given claims, one row per statement."
-    fm = fidelity_metric(sm); bf = f'best_{fm}' if fm else 'best_fidelity'
-    fl = f'{fm}, {METRIC_SPACES.get(fm, "unknown")} space' if fm else 'no fidelity metric'
     both = list(fidelity or fidelity_metrics(sm)) or [None]
     def spaced(v, m): return v._replace(statement=f"{v.statement} ({metric_label(m, sm)})") if m else v
+    def best(x, sign, claim, st):  # a best-fidelity trend, once per metric of `trend_metrics`
+        return [check_trend(sm, x, f'best_{m}' if m else 'best_fidelity', sign, claim, f"{st} ({metric_label(m, sm) if m else 'no fidelity metric'})")
+                for m in trend_metrics(sm) or [None]]
     out = []
     for c in claims:
         if c == 1: out.append(check_divergence(df, sm))
@@ -505,19 +514,17 @@ def verdicts(df:pd.DataFrame, # Tidy table of one sweep
         elif c == 4:
             out += [check_scaling(sm, 'N', 1, 4, 'τ_mem ∝ N (curves collapse on the N-normalized step)'),
                     check_scaling(sm, 'N', 1, 4, "the memorization score's onset ∝ N (its curves collapse on the N-normalized step)", 'mem_onset'),
-                    check_trend(sm, 'N', 'mem_rate', -1, 4, 'larger N lowers the memorization rate'),
-                    check_trend(sm, 'N', bf, -1, 4, f'larger N improves best fidelity ({fl})')]
+                    check_trend(sm, 'N', 'mem_rate', -1, 4, 'larger N lowers the memorization rate')] + best('N', -1, 4, 'larger N improves best fidelity')
         elif c == 5:
             out += [check_trend(sm, 'params', 'tau_mem', -1, 5, 'larger models memorize sooner (smaller τ_mem)'),
-                    check_trend(sm, 'params', bf, -1, 5, f'larger models reach better best fidelity ({fl})')]
+                    check_trend(sm, 'params', 'mem_onset', -1, 5, "larger models reach the memorization score's onset sooner")] + best('params', -1, 5, 'larger models reach better best fidelity')
         elif c == 6:
             out += [check_scaling(sm, 'B', -1, 6, 'τ_mem ∝ 1/B in raw steps (curves collapse)'),
                     check_scaling(sm, 'B', -1, 6, "the memorization score's onset ∝ 1/B in raw steps", 'mem_onset'),
-                    check_unchanged(sm, 'mem_rate', 6, 'the memorization rate does not depend on B'),
-                    check_trend(sm, 'B', bf, 1, 6, f'smaller B gives better best fidelity ({fl})')]
+                    check_unchanged(sm, 'mem_rate', 6, 'the memorization rate does not depend on B')] + best('B', 1, 6, 'smaller B gives better best fidelity')
         elif c == 7:
             out += [check_trend(sm, 'lr', 'tau_mem_norm', 1, 7, 'larger η delays normalized memorization (the curves do not collapse)'),
-                    check_trend(sm, 'lr', bf, -1, 7, f'larger η improves best fidelity ({fl})')]
+                    check_trend(sm, 'lr', 'mem_onset_norm', 1, 7, "larger η delays the memorization score's normalized onset")] + best('lr', -1, 7, 'larger η improves best fidelity')
         elif c == 8: out.append(check_trajectory(df, sm))
         elif c == 9: out.append(check_levels(df, sm))
         elif c == 10: out.append(check_references(splits, sm))
