@@ -162,7 +162,7 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
         rise = sgn * (at_peak - float(np.median(y.to_numpy(float)[:2])))  # how far it rose above its start
         beyond = lambda d: bool(d > max(z * math.sqrt(2) * sig, 1e-12)) if math.isfinite(d) else False
         pos, ra, rl, rh = relative_position(pk, t)
-        fo = decline_onset(y if sgn > 0 else 1 / y)  # where agreement starts to fall (a distance: where it starts to grow)
+        fo = decline_onset(y if sgn > 0 else 1 / y[y > 0])  # where agreement starts to fall (a distance: where it starts to grow)
         fp = relative_position(fo, t)
         base = series(g, metric, 'unpaired').dropna() if ((g.metric == metric) & (g.split == 'unpaired')).any() else pd.Series(dtype=float)
         b_tau = float(base[base.index <= t.step].iloc[-1]) if t is not None and (base.index <= t.step).any() else math.nan
