@@ -154,9 +154,12 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
         t = _tau(df[df.run_dir == first]) if first else None
         y = series(g, metric).dropna(); sgn = 1 if metric != 'agree_l2' else -1
         pk = peak_step(y, 'max' if sgn > 0 else 'min')
+        def at(c):  # a curve's smoothed value at τ_mem and the median of its last three evaluations
+            if not len(c): return math.nan, math.nan
+            m_ = running_median(c.to_numpy(float), 3); s_ = c.index.to_numpy(float)
+            return (float(m_[s_ <= t.step][-1]) if t is not None and (s_ <= t.step).any() else math.nan), float(np.median(c.to_numpy(float)[-3:]))
         m = running_median(y.to_numpy(float), 3); s = y.index.to_numpy(float); sig = robust_sigma(y.to_numpy(float))
-        at_tau = float(m[s <= t.step][-1]) if t is not None and (s <= t.step).any() else math.nan
-        final = float(np.median(y.to_numpy(float)[-3:]))
+        at_tau, final = at(y)
         fall = sgn * (at_tau - final)  # how far agreement fell from τ_mem to the end (positive: it fell)
         at_peak = float(m[s == pk.step][0]) if pk else math.nan
         rise = sgn * (at_peak - float(np.median(y.to_numpy(float)[:2])))  # how far it rose above its start
@@ -165,13 +168,13 @@ def agreement_table(df:pd.DataFrame, # Tidy table of a sweep, with the `agree_co
         fo = decline_onset(y if sgn > 0 else 1 / y[y > 0])  # where agreement starts to fall (a distance: where it starts to grow)
         fp = relative_position(fo, t)
         base = series(g, metric, 'unpaired').dropna() if ((g.metric == metric) & (g.split == 'unpaired')).any() else pd.Series(dtype=float)
-        b_tau = float(base[base.index <= t.step].iloc[-1]) if t is not None and (base.index <= t.step).any() else math.nan
+        b_tau, b_final = at(base)  # the unpaired baseline, by the same rule
         rows.append(dict(_run_info(g), first_run=first, **dict(zip(('tau', 'tau_lo', 'tau_hi'), _nan_onset(t))),
                          **dict(zip(('peak', 'peak_lo', 'peak_hi'), _nan_onset(pk))), at_peak=at_peak,
                          at_tau=at_tau, final=final, rise=rise, rises=beyond(rise), fall=fall, falls=beyond(fall),
                          position=pos, ratio=ra, ratio_lo=rl, ratio_hi=rh, **dict(zip(('fall_onset', 'fall_lo', 'fall_hi'), _nan_onset(fo))),
                          fall_position=fp[0], fall_ratio=fp[1], fall_ratio_lo=fp[2], fall_ratio_hi=fp[3],
-                         base_at_tau=b_tau, base_final=float(np.median(base.to_numpy()[-3:])) if len(base) else math.nan))
+                         base_at_tau=b_tau, base_final=b_final))
     return pd.DataFrame(rows, columns=cols)
 
 # %% ../nbs/11b_before.ipynb #b9c5bb6e

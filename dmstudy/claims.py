@@ -68,10 +68,7 @@ def load_splits(sweep:str, # The sweep's name
                ) -> pd.DataFrame|None:
     "The distances between a sweep's training subsets and its evaluation set (`<sweep>_splits.csv`, written by `collect`), or `None`."
     p = results_dir(root, local)/f'{sweep}_splits.csv'
-    if not p.exists(): return None
-    out = pd.read_csv(p)
-    if 'subset_offset' not in out: out.insert(1, 'subset_offset', 0)  # written before partner runs: every subset starts at 0
-    return out
+    return pd.read_csv(p) if p.exists() else None  # files written before partner runs have no `subset_offset`: `split_rows` reads them as 0
 
 def split_rows(splits:pd.DataFrame, # `load_splits` of a sweep
                run, # A row of its summary (reads `N` and `subset_offset`)
