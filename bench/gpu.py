@@ -37,6 +37,28 @@ def paper_eval(preset, dev, n, steps, batch, fraction, log):
     return dict(preset=preset, samples=n, euler_steps=steps, batch=batch, timed_samples=k, sampling_s=ts,
                 nn_reference=len(train), nn_s=tn, total_s=ts + tn, extrapolated=k < n)
 
+def sync_check(dev, steps, log):
+    "Synchronizing CUDA calls in `steps` training steps between evaluations of a real run (`torch.cuda.set_sync_debug_mode`); goal: none."
+    import tempfile, warnings
+    from unittest import mock
+    from dmstudy.train import IndexSampler, train
+    cuda = dev.type == 'cuda'  # elsewhere the same run, without the debug mode (on the CPU the notebook 05_train counts host reads instead)
+    cfg = RunConfig(unet='cpu-16', n_train=64, steps=steps, eval_steps=(steps,), metrics=('loss',), sample_steps=10, batch_size=16, device=dev.type)
+    marks, first = [], IndexSampler.next
+    with warnings.catch_warnings(record=True) as caught, tempfile.TemporaryDirectory() as d:
+        warnings.simplefilter('always')
+        def next_batch(self, b):  # how many synchronizing calls had been warned about when each batch was drawn
+            marks.append(sum('synchroniz' in str(w.message) for w in caught)); return first(self, b)
+        if cuda: torch.cuda.set_sync_debug_mode('warn')
+        try:
+            with mock.patch.object(IndexSampler, 'next', next_batch): train(cfg, d, quiet=True)
+        finally:
+            if cuda: torch.cuda.set_sync_debug_mode(0)
+    syncs = marks[-1] - marks[0]  # from the first batch to the last: every step but the last, no evaluation
+    seen = sorted({str(w.message).splitlines()[0][:160] for w in caught if 'synchroniz' in str(w.message)})
+    log(f'synchronizing calls in {len(marks) - 1} training steps between evaluations: {syncs if cuda else "not measured (CUDA only)"}')
+    return dict(steps=len(marks) - 1, syncs=syncs if cuda else None, messages=seen[:5])
+
 def cli_bench(preset, batch, dev, steps, rounds, log):
     "`dmstudy bench` itself (through `python -m dmstudy.cli`), bf16 + channels_last + compile: its table as rows."
     out = ROOT/'bench'/f'.cli_{preset}_{batch}.json'
@@ -75,19 +97,20 @@ def main(argv=None):
     peak = speed.matmul_peak(dev, torch.bfloat16, n=8192 if dev.type == 'cuda' else 512, reps=20 if dev.type == 'cuda' else 2)
     log(f'bf16 matmul peak: {peak:.3g} TFLOP/s')
     rows, skipped, done = [], [], []
-    state = dict(cli=[], evaluation=None)
+    state = dict(cli=[], evaluation=None, sync=None)
     def report():  # written after every stage: a run stopped by the time limit keeps what it measured
         md = summary(rows, state, presets, batches, peak, dev, rounds, steps, t0, skipped, done)
         (ROOT/'bench'/'gpu_results.json').write_text(json.dumps(dict(rows=rows, **state), indent=1, default=str) + '\n')
         write_results(md); return md
-    stages = [('eager', p_, b, EAGER) for p_ in presets for b in batches] + [('evaluation',), ('cli',)]
+    stages = [('sync',)] + [('eager', p_, b, EAGER) for p_ in presets for b in batches] + [('evaluation',), ('cli',)]
     if not a.no_compile:  # the goals first: the small model at B=16 (launch-bound), the big one at B=128 (compute-bound)
         order = sorted([(p_, b) for p_ in presets for b in batches], key=lambda pb: (pb not in (('paper-3m', 16), ('paper-93m', 128)), pb))
         stages += [('compiled', p_, b, COMPILED + ['diffusers eager']) for p_, b in order]
     for st in stages:
         name = ' '.join(map(str, st[:3]))
-        if left() < (30 if st[0] in ('evaluation', 'cli') else 90): skipped.append(name); continue
-        if st[0] == 'evaluation': state['evaluation'] = paper_eval(ev['preset'], dev, ev['n'], ev['steps'], ev['batch'], ev['fraction'], log)
+        if left() < (30 if st[0] in ('evaluation', 'cli', 'sync') else 90): skipped.append(name); continue
+        if st[0] == 'sync': state['sync'] = sync_check(dev, 30 if a.quick else 300, log)
+        elif st[0] == 'evaluation': state['evaluation'] = paper_eval(ev['preset'], dev, ev['n'], ev['steps'], ev['batch'], ev['fraction'], log)
         elif st[0] == 'cli': state['cli'] = cli_bench(presets[0], batches[0], dev, steps, 1, log)
         else:
             kind, preset, batch, names = st
@@ -121,6 +144,10 @@ def summary(rows, state, presets, batches, peak, dev, rounds, steps, t0, skipped
     if state['cli']:
         md += '\n`dmstudy bench` (bf16, channels_last, compile):\n\n' + '\n'.join(
             f"- {c.get('model', c.get('preset'))}: " + (c['error'] if 'error' in c else f"{c['train_img_s']:,.0f} train img/s, {c['sample_img_s']:,.0f} sample img/s, peak {c['peak_mem_mb']:,.0f} MiB") for c in state['cli']) + '\n'
+    if state.get('sync') and state['sync']['syncs'] is not None:
+        sc = state['sync']
+        md += (f"\nSynchronizing CUDA calls in {sc['steps']} training steps of a real run between evaluations "
+               f"(`torch.cuda.set_sync_debug_mode('warn')`): {sc['syncs']} (goal 0)" + (f"; first: {sc['messages']}" if sc['syncs'] else '') + '.\n')
     if state['evaluation']:
         e = state['evaluation']; ap = '≈ ' if e['extrapolated'] else ''
         md += (f"\nPaper-protocol evaluation of `{e['preset']}`: {e['samples']:,} samples × {e['euler_steps']} Euler steps (bf16, batches of {e['batch']}) "

@@ -63,10 +63,11 @@ class Objective:
                 x0:torch.Tensor, # Clean images in model space
                 y:torch.Tensor|None, # Labels (or `None`)
                 t:torch.Tensor|float, # Noise levels: [B] or one float for all
-                gen:torch.Generator|None=None): # Generator of the Gaussian noise
+                gen:torch.Generator|None=None, # Generator of the Gaussian noise
+                eps:torch.Tensor|None=None): # The Gaussian noise itself (then `gen` is unused): a pure function, one graph for `torch.compile`
         "Per-sample squared error [B] (mean over pixels) of the prediction at noise levels `t`."
         t = torch.as_tensor(t, dtype=torch.float32, device=x0.device).expand(len(x0))
-        eps = _randn(x0.shape, gen, x0.device)
+        if eps is None: eps = _randn(x0.shape, gen, x0.device)
         pred = model(self.noisy(x0, t, eps), self.c_noise(t), y)
         return (pred.float() - self.target(x0, eps, t).float()).square().flatten(1).mean(1)
 

@@ -6,7 +6,7 @@ Docs: https://dmstudy.github.io/dmstudy/train.html.md"""
 
 # %% auto #0
 __all__ = ['IndexSampler', 'ema_decay_at', 'ema_update', 'make_optimizer', 'lr_at', 'EvalAbandoned', 'EvalWatch', 'eval_nfe',
-           'evaluation_noise', 'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
+           'evaluation_noise', 'HostReadout', 'RunResult', 'RunFailed', 'train', 'diffusers_like', 'benchmark']
 
 # %% ../nbs/05_train.ipynb #c6e2aac4
 import copy, math, os, signal, sys, time
@@ -28,22 +28,26 @@ from .probes import emp_denoiser_n, probe_metrics  # measures beyond metrics.eva
 
 # %% ../nbs/05_train.ipynb #60f2fd61
 class IndexSampler:
-    "Draw batches of indices in [0, n): successive random permutations, from one generator."
-    def __init__(self, n:int, gen:torch.Generator):
+    "Draw batches of indices in [0, n): successive random permutations from one generator, made on the generator's device."
+    def __init__(self, n:int, # Number of training images
+                 gen:torch.Generator, # Generator of the permutations; they live on its device (the data's)
+                ):
         self.n, self.gen = n, gen
-        self.perm, self.pos = torch.randperm(n, generator=gen), 0
+        self.perm, self.pos = self._permutation(), 0
+
+    def _permutation(self): return torch.randperm(self.n, generator=self.gen, device=self.gen.device)
 
     def next(self, b:int) -> torch.Tensor:
         "The next `b` indices (a batch larger than n spans several permutations)."
         out, need = [], b
         while need > 0:
-            if self.pos == self.n: self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            if self.pos == self.n: self.perm, self.pos = self._permutation(), 0
             take = min(need, self.n - self.pos)
             out.append(self.perm[self.pos:self.pos + take]); self.pos += take; need -= take
         return torch.cat(out)
 
     def state_dict(self) -> dict: return {'perm': self.perm.clone(), 'pos': self.pos}
-    def load_state_dict(self, d:dict): self.perm, self.pos = d['perm'].clone(), int(d['pos'])
+    def load_state_dict(self, d:dict): self.perm, self.pos = d['perm'].to(self.gen.device, copy=True), int(d['pos'])
 
 # %% ../nbs/05_train.ipynb #fdf93382
 def ema_decay_at(cfg:RunConfig, step:int) -> float:
@@ -140,6 +144,36 @@ def evaluation_noise(cfg:RunConfig, # The run's config: its sample counts, `seed
     g = make_generators(cfg.seed if cfg.eval_seed is None else cfg.eval_seed, 'cpu')['eval']
     return torch.randn(eval_counts(cfg, split, grid=True)['generate'], *split.image_shape, generator=g).to(device or 'cpu')
 
+# %% ../nbs/05_train.ipynb #51c8beb7
+class HostReadout:
+    "A few device scalars, read on the host without waiting for the device: copied into (pinned) host memory, read once landed."
+    def __init__(self, device, # The device the scalars live on
+                 n:int, # How many scalars one reading holds
+                ):
+        self.device = torch.device(device)
+        self.buf = torch.zeros(n, dtype=torch.float64, pin_memory=self.device.type == 'cuda' and torch.cuda.is_available())
+        self.event, self.tag = None, None
+
+    def landed(self) -> bool:
+        "Whether the last copy has arrived (a query: it never waits)."
+        return self.event is None or self.event.query()
+
+    def post(self, tag, # What the reading belongs to (e.g. the step), returned with it
+             *values:torch.Tensor, # Device scalars
+            ) -> bool:
+        "Start copying `values` to the host; skipped (False) while the previous reading has not been handed over by `get`."
+        if self.tag is not None: return False
+        self.buf.copy_(torch.stack([v.detach().reshape(()).double() for v in values]), non_blocking=True)
+        if self.device.type == 'cuda': self.event = torch.cuda.Event(); self.event.record()
+        self.tag = tag
+        return True
+
+    def get(self):
+        "(tag, values) of the last posted reading, once, when it has landed; `None` before that."
+        if self.tag is None or not self.landed(): return None
+        out, self.tag = (self.tag, self.buf.tolist()), None
+        return out
+
 # %% ../nbs/05_train.ipynb #56677716
 @dataclass
 class RunResult:
@@ -198,8 +232,10 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     objective = make_objective(cfg)
     opt = make_optimizer(cfg, model.parameters(), device)
     gens = make_generators(cfg.seed, 'cpu')
-    noise_gen = torch.Generator(device=device); noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gens['noise'])))
-    sampler = IndexSampler(split.n_train, gens['data'])
+    noise_gen = _device_generator(gens['noise'], device)
+    data_gen = gens['data'] if device.type == 'cpu' else _device_generator(gens['data'], device)  # the CPU keeps its data order
+    all_gens = {**gens, 'noise_dev': noise_gen, **({'data_dev': data_gen} if data_gen is not gens['data'] else {})}
+    sampler = IndexSampler(split.n_train, data_gen)
     eval_noise = evaluation_noise(cfg, split, device)  # the grid: its first rows
     sched = eval_schedule(cfg)
     step, sched_pos, wall = 0, 0, 0.0
@@ -208,7 +244,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     if has_ckpt:  # resume
         st = rd.load_checkpoint()
         model.load_state_dict(st['model']); ema.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
-        sampler.load_state_dict(st['sampler']); set_generator_states({**gens, 'noise_dev': noise_gen}, st['gens'])
+        set_generator_states(all_gens, st['gens']); sampler.load_state_dict(st['sampler'])
         torch.set_rng_state(st['torch_rng'])
         if 'cuda_rng' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda_rng'])
         step, sched_pos, wall = st['step'], st['sched_pos'], st['wall_time']
@@ -232,13 +268,14 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     labels = split.train_labels
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     bar = None if quiet else tqdm(total=cfg.steps, initial=step, desc=cell_id(cfg), dynamic_ncols=True, mininterval=1.0)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the start
+    readout = HostReadout(device, 2)  # the loss and `bad`, for the progress bar and the early stop
     nfe = eval_nfe(cfg, objective, split)
     t0 = time.perf_counter()
     rd.write_progress(step, cfg.steps); next_beat = time.monotonic() + 10  # where the run is, for launchers, every ~10 s
     if quiet: _log(True, f"{rd.path}: {cfg.steps} steps, {len(sched)} evaluations of {nfe} network evaluations each")
 
-    def state(rng=None): return _state(model, ema, opt, sampler, {**gens, 'noise_dev': noise_gen}, step, sched_pos,
+    def state(rng=None): return _state(model, ema, opt, sampler, all_gens, step, sched_pos,
                                        wall + time.perf_counter() - t0, cfg, (loss_sum.cpu(), loss_n), rng)
 
     def fail(reason):
@@ -250,6 +287,11 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         if raise_on_failure: raise RunFailed(msg)
         print(msg, file=sys.stderr)
         return RunResult(rd.path, f'failed: {reason}', step, last, params)
+
+    def unhealthy():
+        "Why the run cannot go on (a non-finite loss since the start, or non-finite weights), or `None`: read at evaluations and stops only."
+        if bad.item(): return f'non-finite loss by step {step}'
+        if not _finite(model, ema): return f'non-finite weights at step {step}'
 
     def checkpoint(rng=None):
         nonlocal ckpt_step
@@ -289,11 +331,10 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         with _catch_signals() as stop:
             while True:
                 if sched_pos < len(sched) and step == sched[sched_pos] and stop.signum is None:  # an evaluation is due
-                    if bad.item(): return fail(f'non-finite loss by step {step}')
-                    if not _finite(model, ema): return fail(f'non-finite weights at step {step}')
+                    if reason := unhealthy(): return fail(reason)
                     if isinstance(r := evaluation(), RunResult): return r
                 if stop.signum is not None:
-                    if bad.item() or not _finite(model, ema): return fail(f'non-finite loss or weights by step {step}')
+                    if reason := unhealthy(): return fail(reason)
                     checkpoint()
                     name = signal.Signals(stop.signum).name
                     rd.write_status(stopped_status(name, step))
@@ -302,7 +343,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
                     if stop.signum == signal.SIGINT: raise KeyboardInterrupt
                     sys.exit(128 + stop.signum)
                 if step >= end: break
-                idx = sampler.next(cfg.batch_size).to(device)
+                idx = sampler.next(cfg.batch_size)  # on the device
                 x0 = to_model_space(split.train_images[idx])
                 y = labels[idx] if conditional else None
                 if y is not None and cfg.label_dropout:  # classifier-free guidance training: some labels become the null class
@@ -318,12 +359,14 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
                 step += 1
                 ema_update(ema, model, ema_decay_at(cfg, step))
                 bad |= ~torch.isfinite(loss.detach()); loss_sum += loss.detach(); loss_n += 1
-                if step % 25 == 0 or step == end:
-                    if bad.item(): return fail(f'non-finite loss by step {step}')
+                if step % 25 == 0 or step == end:  # no host sync: the readout hands over what has landed since the last time
+                    readout.post(step, loss, bad)  # on a GPU read at the next tick, on the CPU at once
+                    if (got := readout.get()) is not None:
+                        at, (seen_loss, seen_bad) = got
+                        if seen_bad: return fail(f'non-finite loss by step {at}')
+                        if bar is not None: bar.set_postfix(loss=f'{seen_loss:.4f}', next_eval=sched[sched_pos] if sched_pos < len(sched) else '-', refresh=False)
                     if time.monotonic() >= next_beat: rd.write_progress(step, cfg.steps); next_beat = time.monotonic() + 10
-                    if bar is not None:
-                        bar.update(step - bar.n)
-                        bar.set_postfix(loss=f'{loss.item():.4f}', next_eval=sched[sched_pos] if sched_pos < len(sched) else '-', refresh=False)
+                    if bar is not None: bar.update(step - bar.n)
         if bar is not None: bar.close()
         if step >= cfg.steps: rd.write_status('done')
         else:
@@ -339,6 +382,10 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
     return RunResult(rd.path, rd.status, step, last, params)
 
 # %% ../nbs/05_train.ipynb #439cee42
+def _device_generator(gen:torch.Generator, device) -> torch.Generator:
+    "A generator on `device`, seeded by one draw from `gen`."
+    g = torch.Generator(device=device); g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen))); return g
+
 def _eval_generator(cfg:RunConfig, device) -> torch.Generator:
     s = cfg.seed if cfg.eval_seed is None else cfg.eval_seed  # the runs of a pair draw the same evaluation noise
     g = torch.Generator(device=device); g.manual_seed(s * 1_000_003 + 7); return g
