@@ -125,6 +125,7 @@ def run(presets, batches, variants, dev, rounds, steps, warmup, threads, skip, l
     rows, loads = [], []
     for preset in presets:
         for batch in batches:
+            torch._dynamo.reset()  # graphs of another preset would make dynamo retrace with dynamic shapes (inductor then fails on cpu-32)
             vs = [Variant(k, net, sw, preset, batch, dev, threads) for k, (net, sw) in variants.items() if not skip(preset, batch, k)]
             for v in vs:
                 log(f'{preset} B={batch}: warming up {v.name}'); v.warm(warmup)
@@ -137,17 +138,21 @@ def run(presets, batches, variants, dev, rounds, steps, warmup, threads, skip, l
                 tr, sa = statistics.median(v.train_s), statistics.median(v.sample_s)
                 row = dict(preset=preset, batch=batch, variant=v.name, params=v.params, train_img_s=batch/tr, sample_img_s=batch/sa,
                            train_tflop_s=3*v.flops*batch/tr/1e12, best_train_img_s=batch/min(v.train_s), compile_s=v.compile_s,
-                           peak_mem_mb=v.peak_mb)
+                           peak_mem_mb=v.peak_mb, train_s_rounds=v.train_s, sample_s_rounds=v.sample_s)
                 if base is not None:  # ratios per round (same round, neighbouring in time), then their median
                     row['train_vs_diffusers'] = statistics.median(b/a for a, b in zip(v.train_s, base.train_s))
                     row['sample_vs_diffusers'] = statistics.median(b/a for a, b in zip(v.sample_s, base.sample_s))
+                peer = next((w for w in vs if w.net_kind == 'diffusers' and w.sw == v.sw), None)  # diffusers with the same switches
+                if peer is not None and peer is not base and v.net_kind == 'dmstudy':
+                    row['train_vs_diffusers_same'] = statistics.median(b/a for a, b in zip(v.train_s, peer.train_s))
+                    row['sample_vs_diffusers_same'] = statistics.median(b/a for a, b in zip(v.sample_s, peer.sample_s))
                 rows.append(row)
             del vs
     return rows, loads
 
 def markdown(rows, meta):
     cols = ['preset', 'batch', 'variant', 'params', 'train_img_s', 'sample_img_s', 'train_vs_diffusers', 'sample_vs_diffusers',
-            'train_tflop_s', 'compile_s'] + (['peak_mem_mb', 'frac_bf16_peak'] if any('frac_bf16_peak' in r for r in rows) else [])
+            'train_vs_diffusers_same', 'sample_vs_diffusers_same', 'train_tflop_s', 'compile_s'] + (['peak_mem_mb', 'frac_bf16_peak'] if any('frac_bf16_peak' in r for r in rows) else [])
     fmt = lambda v: '' if v is None or (isinstance(v, float) and math.isnan(v)) else (f'{v:,.3g}' if isinstance(v, float) else f'{v:,}' if isinstance(v, int) else str(v))
     out = [' | '.join(cols), ' | '.join('---' for _ in cols)]
     out += [' | '.join(fmt(r.get(c)) for c in cols) for r in rows]
