@@ -370,7 +370,7 @@ def _train(cfg:RunConfig, rd:RunDir, quiet:bool, max_steps:int|None, split:Split
         if bar is not None: bar.close()
         if step >= cfg.steps: rd.write_status('done')
         else:
-            if not _finite(model, ema): return fail(f'non-finite weights at step {step}')
+            if reason := unhealthy(): return fail(reason)
             checkpoint(); rd.write_status(stopped_status(f'max_steps={max_steps}', step))
     except DiskFull:
         try: rd.write_status(stopped_status('disk full', step))
