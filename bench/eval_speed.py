@@ -23,6 +23,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--rounds', type=int, default=3)
     a = p.parse_args(argv)
+    if min(a.threads, a.rounds) < 1: p.error('--threads and --rounds must be at least 1.')
     torch.set_num_threads(a.threads)
     base = RunConfig(**DEMO); split = load_split(base)
     torch.manual_seed(0)

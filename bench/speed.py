@@ -173,6 +173,8 @@ def main(argv=None):
     p.add_argument('--peak', action='store_true', help='measure the bf16 matmul peak and report the fraction of it')
     p.add_argument('--json'); p.add_argument('--md')
     a = p.parse_args(argv)
+    if min(a.rounds, a.steps, a.threads, *a.batches) < 1 or a.warmup < 0: p.error('--rounds, --steps, --threads and --batches must be at least 1, --warmup at least 0.')
+    if bad := [k for k in a.presets if k not in U.UNET_PRESETS]: p.error(f'unknown preset(s) {bad}; choose from {list(U.UNET_PRESETS)}.')
     dev = torch.device(a.device)
     if dev.type == 'cuda' and not torch.cuda.is_available(): sys.exit('No CUDA device is visible; run with --device cpu or on a machine with a GPU.')
     allv = GPU_VARIANTS if dev.type == 'cuda' else CPU_VARIANTS

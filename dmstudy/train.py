@@ -151,7 +151,7 @@ class HostReadout:
                  n:int, # How many scalars one reading holds
                 ):
         self.device = torch.device(device)
-        self.buf = torch.zeros(n, dtype=torch.float64, pin_memory=self.device.type == 'cuda' and torch.cuda.is_available())
+        self.buf = torch.zeros(n, dtype=torch.float64, pin_memory=self.device.type == 'cuda')
         self.event, self.tag = None, None
 
     def landed(self) -> bool:
